@@ -1,0 +1,53 @@
+"""Channels to peers: created once at start-up, passed into constructors, with a
+retry policy in the service config, keepalive, trace propagation, and helpers
+to carry the caller's deadline to the next hop."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
+# Retry only what is safe to retry: the call never reached the peer's handler.
+RETRY_SERVICE_CONFIG = {
+    "methodConfig": [
+        {
+            "name": [{}],
+            "retryPolicy": {
+                "maxAttempts": 4,
+                "initialBackoff": "0.1s",
+                "maxBackoff": "2s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ]
+}
+
+
+def channel_options(max_message_bytes: int = 16 * 1024 * 1024) -> list[tuple[str, object]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", json.dumps(RETRY_SERVICE_CONFIG)),
+    ]
+
+
+def peer_channel(target: str, *, max_message_bytes: int = 16 * 1024 * 1024) -> grpc.aio.Channel:
+    """An aio channel to a peer service. Create it inside the running event loop."""
+    return grpc.aio.insecure_channel(
+        target, options=channel_options(max_message_bytes), interceptors=aio_client_interceptors()
+    )
+
+
+def remaining_timeout(context: grpc.aio.ServicerContext, default: float) -> float:
+    """Seconds left of the caller's deadline (or ``default`` when it set none),
+    to pass as the timeout of the next hop so deadlines propagate."""
+    left = context.time_remaining()
+    return default if left is None else max(0.0, min(left, default))

@@ -1,0 +1,144 @@
+"""Typed configuration: one YAML file plus environment overrides.
+
+Resolution order (later wins): the bundled ``default.yaml``, the file named by
+``LLMESH_CONFIG`` (or passed explicitly), then environment variables
+``LLMESH__SECTION__KEY=value`` (value parsed as YAML) and ``LLMESH_HOME``.
+Peer addresses have no defaults in code: a service whose peers are missing
+refuses to start, naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_FILE = Path(__file__).with_name("default.yaml")
+ENV_PREFIX = "LLMESH__"
+
+
+class ConfigError(RuntimeError):
+    """The configuration is incomplete or invalid; the message names the key."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(ge=0, le=65535)
+    metrics_port: int = Field(default=0, ge=0, le=65535, description="0 disables /metrics")
+    # Matches Kubernetes' default terminationGracePeriodSeconds (30 s) less a margin.
+    grace_seconds: float = 25.0
+    max_message_bytes: int = 16 * 1024 * 1024
+    keepalive_time_ms: int = 30_000
+    keepalive_timeout_ms: int = 10_000
+    max_concurrent_streams: int = 256
+
+
+class RedisSettings(_Model):
+    host: str = "127.0.0.1"
+    port: int = 6390
+    # Path of a redis-server binary; empty: found on PATH or installed by set-up.
+    binary: str = ""
+
+
+class TritonSettings(_Model):
+    grpc_port: int = 8101
+    http_port: int = 8100
+    metrics_port: int = 8102
+    models: list[str] = ["llm"]
+    llm_path: str = ""
+    log_verbose: int = 0
+
+
+class InferencePeers(_Model):
+    triton: str
+    redis: str
+
+
+class InferenceSettings(_Model):
+    server: ServerSettings
+    peers: InferencePeers
+    model: str = "llm"
+    max_prompt_chars: int = 16_000
+    default_max_tokens: int = 128
+    max_tokens_limit: int = 1024
+    # Seconds a call may take when the client sets no deadline.
+    default_timeout_s: float = 120.0
+    chat_max_messages: int = 32
+    chat_ttl_seconds: int = 3600
+    # YAML template library; empty: the bundled one.
+    templates_path: str = ""
+
+
+class MeshConfig(_Model):
+    home: Path
+    redis: RedisSettings = RedisSettings()
+    triton: TritonSettings = TritonSettings()
+    inference: InferenceSettings
+
+    @field_validator("home")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        return v.expanduser().resolve()
+
+    @property
+    def llm_path(self) -> Path:
+        return Path(self.triton.llm_path) if self.triton.llm_path else self.home / "models" / "tiny-qwen2"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.home / "run"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.home / "adapters"
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX):].split("__") if p]
+        node = tree
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = yaml.safe_load(raw) if raw else raw
+    if env.get("LLMESH_HOME"):
+        tree["home"] = env["LLMESH_HOME"]
+    return tree
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> MeshConfig:
+    env = os.environ if env is None else env
+    data: dict[str, Any] = yaml.safe_load(DEFAULT_FILE.read_text())
+    path = path or env.get("LLMESH_CONFIG")
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        data = _merge(data, yaml.safe_load(p.read_text()) or {})
+    data = _merge(data, _env_overrides(env))
+    try:
+        return MeshConfig.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        key = ".".join(str(x) for x in first["loc"])
+        raise ConfigError(f"config key '{key}': {first['msg']} ({len(e.errors())} error(s))") from e

@@ -1,0 +1,169 @@
+"""The Triton ``llm`` model as seen by the inference service.
+
+Every call goes through Triton's bidirectional stream API (the model is
+decoupled); a unary generation is one request answered by one final response.
+Triton's errors are mapped here, once, to domain errors.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import AsyncIterator, Sequence
+
+import grpc
+import numpy as np
+import tritonclient.grpc.aio as triton
+from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.utils import InferenceServerException
+
+from llmesh.runtime.channels import channel_options
+from llmesh.runtime.errors import Cancelled, DeadlineExceeded, InvalidArgument, LlmeshError, NotFound, Unavailable
+from llmesh.services.inference.sampling import Sampling
+
+OUTPUTS = ("text", "prompt_tokens", "completion_tokens", "finish_reason")
+# The model prefixes its errors with the status it means ("NOT_FOUND: adapter 'x' not found").
+_TAGGED = re.compile(r"(INVALID_ARGUMENT|NOT_FOUND|UNAVAILABLE):\s*(.*)", re.S)
+# Reconnect quickly after Triton restarts instead of gRPC's default backoff (up to 120 s).
+_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+              ("grpc.max_reconnect_backoff_ms", 1000)]
+
+
+@dataclass(frozen=True)
+class GenerationInput:
+    sampling: Sampling
+    prompt: str | None = None
+    messages: Sequence[dict[str, str]] | None = None
+    adapter: str = ""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A text delta (streaming) or the whole text (unary); ``finish_reason`` set on the last."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "" until the last chunk, then "stop" | "length" | "cancelled"
+
+
+def _tensor(name: str, value: object, dtype: str) -> InferInput:
+    np_type = {"BYTES": np.object_, "INT32": np.int32, "INT64": np.int64, "FP32": np.float32, "BOOL": np.bool_}[dtype]
+    arr = np.array([[value.encode() if isinstance(value, str) else value]], dtype=np_type)
+    t = InferInput(name, list(arr.shape), dtype)
+    t.set_data_from_numpy(arr)
+    return t
+
+
+def build_inputs(inp: GenerationInput, stream: bool) -> list[InferInput]:
+    s = inp.sampling
+    tensors = [
+        _tensor("max_tokens", s.max_tokens, "INT32"),
+        _tensor("temperature", s.temperature, "FP32"),
+        _tensor("top_p", s.top_p, "FP32"),
+        _tensor("top_k", s.top_k, "INT32"),
+        _tensor("repetition_penalty", s.repetition_penalty, "FP32"),
+        _tensor("stream", stream, "BOOL"),
+    ]
+    if inp.prompt is not None:
+        tensors.append(_tensor("prompt", inp.prompt, "BYTES"))
+    else:
+        tensors.append(_tensor("messages_json", json.dumps(list(inp.messages or []), ensure_ascii=False), "BYTES"))
+    if s.stop:
+        tensors.append(_tensor("stop_json", json.dumps(list(s.stop), ensure_ascii=False), "BYTES"))
+    if s.seed is not None:
+        tensors.append(_tensor("seed", s.seed, "INT64"))
+    if inp.adapter:
+        tensors.append(_tensor("adapter", inp.adapter, "BYTES"))
+    return tensors
+
+
+def map_error(exc: BaseException, field_prefix: str = "") -> LlmeshError:
+    """Triton/gRPC failure → domain error (never INTERNAL for a peer being down)."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        code = exc.code()
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return DeadlineExceeded("deadline exceeded while generating")
+        if code == grpc.StatusCode.CANCELLED:
+            return Cancelled("generation cancelled")
+        return Unavailable(f"triton unavailable: {code.name}: {exc.details()}", retry_after_s=1.0)
+    msg = str(exc.message() if isinstance(exc, InferenceServerException) else exc) or repr(exc)
+    m = _TAGGED.search(msg)
+    if m:
+        kind, detail = m.groups()
+        if kind == "NOT_FOUND":
+            name = re.search(r"'([^']*)'", detail)
+            return NotFound("adapter", name.group(1) if name else detail)
+        if kind == "INVALID_ARGUMENT":
+            field, _, why = detail.partition(":")
+            return InvalidArgument(field_prefix + field.strip(), why.strip() or detail)
+        return Unavailable(detail)
+    if "unknown model" in msg or "not ready" in msg or "not found" in msg:
+        return Unavailable(f"model not available: {msg}", retry_after_s=2.0)
+    return Unavailable(f"triton error: {msg}", retry_after_s=1.0)
+
+
+class LlmBackend:
+    def __init__(self, address: str, model: str) -> None:
+        self.address = address
+        self.model = model
+        self._client = triton.InferenceServerClient(address, channel_args=channel_options() + _RECONNECT)
+
+    async def ready(self) -> None:
+        """Raise Unavailable unless Triton is live and the model is loaded."""
+        try:
+            if not await self._client.is_model_ready(self.model):
+                raise Unavailable(f"triton model '{self.model}' is not ready")
+        except InferenceServerException as e:
+            raise Unavailable(f"triton at {self.address}: {e.message()}") from e
+
+    async def models(self) -> list[tuple[str, str, bool]]:
+        try:
+            index = await self._client.get_model_repository_index(as_json=True)
+        except InferenceServerException as e:
+            raise Unavailable(f"triton at {self.address}: {e.message()}") from e
+        return [(m["name"], m.get("version", ""), m.get("state") == "READY") for m in index.get("models", [])]
+
+    async def stream(self, inp: GenerationInput, *, timeout: float, stream: bool = True) -> AsyncIterator[Chunk]:
+        """Chunks from Triton; cancelling the consumer cancels the Triton request."""
+        request = {
+            "model_name": self.model,
+            "inputs": build_inputs(inp, stream),
+            "outputs": [InferRequestedOutput(n) for n in OUTPUTS],
+        }
+
+        async def requests() -> AsyncIterator[dict[str, object]]:
+            yield request
+
+        responses = self._client.stream_infer(requests(), stream_timeout=timeout)
+        try:
+            async for result, error in responses:
+                if error is not None:
+                    raise map_error(error)
+                if result.as_numpy("text") is None:  # a flags-only final response
+                    break
+                chunk = Chunk(
+                    text=result.as_numpy("text").reshape(-1)[0].decode("utf-8"),
+                    prompt_tokens=int(result.as_numpy("prompt_tokens").reshape(-1)[0]),
+                    completion_tokens=int(result.as_numpy("completion_tokens").reshape(-1)[0]),
+                    finish_reason=result.as_numpy("finish_reason").reshape(-1)[0].decode(),
+                )
+                yield chunk
+                if chunk.finish_reason:
+                    return
+        except (grpc.aio.AioRpcError, InferenceServerException) as e:
+            raise map_error(e) from e
+        finally:
+            responses.cancel()
+        raise Unavailable("triton closed the stream before the final response")
+
+    async def complete(self, inp: GenerationInput, *, timeout: float) -> Chunk:
+        """A whole generation in one response (batched by Triton's dynamic batcher)."""
+        async for chunk in self.stream(inp, timeout=timeout, stream=False):
+            if chunk.finish_reason:
+                return chunk
+        raise Unavailable("triton returned no final response")
+
+    async def close(self) -> None:
+        await self._client.close()
