@@ -108,3 +108,204 @@ def test_clip_reload_offline(home: pathlib.Path) -> None:
         out = model(**inputs)
     assert out.text_embeds.shape == (2, 64)
     assert out.image_embeds.shape == (1, 64)
+
+
+# --------------------------------------------------------------------------- tritonserver.py
+
+
+def test_tritonserver_locate_prepare_and_command(tmp_path: pathlib.Path) -> None:
+    import os
+    import sys
+
+    from llmesh import tritonserver
+
+    try:
+        inst = tritonserver.locate()
+    except tritonserver.TritonNotInstalled:
+        pytest.skip("nvidia-pytriton not installed")
+    assert inst.binary.is_file() and inst.stub.is_file()
+    backends = tritonserver.prepare_backends(tmp_path / "backends")
+    names = sorted(p.name for p in (backends / "python").iterdir())
+    assert names == ["libtriton_python.so", "triton_python_backend_stub", "triton_python_backend_utils.py"]
+    assert os.access(backends / "python" / "triton_python_backend_stub", os.X_OK)
+    assert tritonserver.prepare_backends(tmp_path / "backends") == backends  # idempotent
+    argv, env = tritonserver.server_command(
+        repo=tmp_path / "repo", backends=backends, grpc_port=1, http_port=2, metrics_port=3,
+        models=["llm", "clip"], env_extra={"LLMESH_HOME": "/h"},
+    )
+    assert argv[0] == str(inst.binary)
+    for flag in (
+        "--model-control-mode=explicit", "--load-model=llm", "--load-model=clip",
+        "--disable-auto-complete-config", "--grpc-address=127.0.0.1", "--http-address=127.0.0.1",
+        "--metrics-address=127.0.0.1", "--allow-gpu-metrics=false", "--grpc-port=1",
+        "--backend-config=python,shm-default-byte-size=16777216", "--exit-timeout-secs=10",
+        "--log-verbose=0",
+    ):
+        assert flag in argv, flag
+    assert env["LLMESH_HOME"] == "/h"
+    assert env["PATH"].split(os.pathsep)[0] == os.path.dirname(sys.executable)
+    assert env["LD_LIBRARY_PATH"].split(os.pathsep)[0] == str(inst.libs_dir)
+
+
+# --------------------------------------------------------------------------- model.py (no server)
+
+
+class _FakeSender:
+    def __init__(self, cancel_after: int | None = None) -> None:
+        self.sent: list[tuple[object, int]] = []
+        self.cancel_after = cancel_after
+
+    def send(self, response: object = None, flags: int = 0) -> None:
+        self.sent.append((response, flags))
+
+
+class _FakeRequest:
+    def __init__(self, inputs: dict[str, object], cancel_after: int | None = None) -> None:
+        self.inputs = inputs
+        self.sender = _FakeSender()
+        self.cancel_after = cancel_after
+        self.polls = 0
+
+    def get_response_sender(self) -> _FakeSender:
+        return self.sender
+
+    def is_cancelled(self) -> bool:
+        self.polls += 1
+        return self.cancel_after is not None and self.polls > self.cancel_after
+
+
+def _fake_pb_utils():  # type: ignore[no-untyped-def]
+    import types
+
+    import numpy as np
+
+    pb = types.ModuleType("triton_python_backend_utils")
+    pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+
+    class Tensor:
+        def __init__(self, name: str, arr: np.ndarray) -> None:
+            self.name, self.arr = name, arr
+
+        def as_numpy(self) -> np.ndarray:
+            return self.arr
+
+    class TritonError:
+        NOT_FOUND, INVALID_ARG, INTERNAL = "NOT_FOUND", "INVALID_ARG", "INTERNAL"
+
+        def __init__(self, msg: str, code: str = "INTERNAL") -> None:
+            self.msg, self.code = msg, code
+
+    class InferenceResponse:
+        def __init__(self, output_tensors=None, error=None) -> None:  # type: ignore[no-untyped-def]
+            self.outputs = {t.name: t.arr.reshape(-1)[0] for t in (output_tensors or [])}
+            self.error = error
+
+    class Logger:
+        @staticmethod
+        def log_info(msg: str) -> None: ...
+
+        log_warn = log_error = log_info
+
+    def get_input_tensor_by_name(request: _FakeRequest, name: str):  # type: ignore[no-untyped-def]
+        if name not in request.inputs:
+            return None
+        dtypes = {"max_tokens": np.int32, "top_k": np.int32, "seed": np.int64, "stream": np.bool_,
+                  "temperature": np.float32, "top_p": np.float32, "repetition_penalty": np.float32}
+        v = request.inputs[name]
+        arr = np.array([[v.encode() if isinstance(v, str) else v]], dtype=dtypes.get(name, np.object_))
+        return Tensor(name, arr)
+
+    pb.Tensor, pb.TritonError, pb.InferenceResponse, pb.Logger = Tensor, TritonError, InferenceResponse, Logger
+    pb.TritonModelException = RuntimeError
+    pb.get_input_tensor_by_name = get_input_tensor_by_name
+    return pb
+
+
+@pytest.fixture(scope="module")
+def llm_model(home: pathlib.Path):  # type: ignore[no-untyped-def]
+    import importlib.util
+    import json
+    import os
+    import sys
+
+    sys.modules["triton_python_backend_utils"] = _fake_pb_utils()
+    path = pathlib.Path(__file__).resolve().parents[2] / "triton_models" / "llm" / "1" / "model.py"
+    spec = importlib.util.spec_from_file_location("llmesh_triton_llm_model", path)
+    mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    os.environ["LLMESH_LLM_PATH"] = str(home / "models" / "tiny-qwen2")
+    os.environ["LLMESH_HOME"] = str(home)
+    params = {k: {"string_value": v} for k, v in {
+        "model_path": "${LLMESH_LLM_PATH}", "adapter_dir": "${LLMESH_HOME}/adapters",
+        "adapter_cache_size": "8", "threads": "2"}.items()}
+    m = mod.TritonPythonModel()
+    m.initialize({"model_config": json.dumps({"parameters": params})})
+    return m
+
+
+def _run(model, *inputs: dict[str, object], cancel_after: int | None = None) -> list[dict[str, object]]:  # type: ignore[no-untyped-def]
+    reqs = [_FakeRequest(i, cancel_after) for i in inputs]
+    model.execute(reqs)
+    out = []
+    for r in reqs:
+        finals = [resp for resp, flags in r.sender.sent if flags & 1]
+        assert len(finals) == 1  # exactly one FINAL response per request
+        final = finals[0]
+        if final is not None and final.error is not None:
+            out.append({"error": final.error.msg, "code": final.error.code})
+            continue
+        text = "".join(
+            resp.outputs["text"].decode() for resp, _ in r.sender.sent if resp is not None
+        )
+        out.append({"text": text, "finish": final.outputs["finish_reason"].decode(),
+                    "completion_tokens": int(final.outputs["completion_tokens"]),
+                    "chunks": len(r.sender.sent)})
+    return out
+
+
+def test_model_batched_equals_solo_and_stream(llm_model) -> None:  # type: ignore[no-untyped-def]
+    reqs = [
+        {"prompt": "How do I reset my password?", "max_tokens": 20, "temperature": 0.8, "seed": 7},
+        {"prompt": "如何重置密码？", "max_tokens": 12, "temperature": 0.0},
+        {"messages_json": '[{"role":"user","content":"VPN 连不上怎么办？"}]', "max_tokens": 30,
+         "temperature": 1.0, "top_k": 50, "top_p": 0.9, "repetition_penalty": 1.3, "seed": 3},
+    ]
+    batched = _run(llm_model, *reqs)
+    for req, got in zip(reqs, batched):
+        solo = _run(llm_model, req)[0]
+        streamed = _run(llm_model, {**req, "stream": True})[0]
+        assert solo["text"] == got["text"] == streamed["text"]
+        assert solo["completion_tokens"] == got["completion_tokens"]
+        assert got["chunks"] == 1 and streamed["chunks"] >= 1
+
+
+def test_model_errors_and_stop(llm_model) -> None:  # type: ignore[no-untyped-def]
+    res = _run(
+        llm_model,
+        {"max_tokens": 3},
+        {"prompt": "x", "messages_json": "[]"},
+        {"prompt": "x", "adapter": "../x"},
+        {"prompt": "x", "adapter": "missing"},
+        {"prompt": "x", "max_tokens": 0},
+        {"prompt": "x", "max_tokens": 1024},
+        {"prompt": "hello", "max_tokens": 5, "temperature": 0.0},
+    )
+    assert res[0]["code"] == "INVALID_ARG" and res[0]["error"].startswith("INVALID_ARGUMENT: prompt:")
+    assert res[1]["code"] == "INVALID_ARG"
+    assert res[2]["error"].startswith("INVALID_ARGUMENT: adapter:")
+    assert res[3] == {"error": "NOT_FOUND: adapter 'missing' not found", "code": "NOT_FOUND"}
+    assert res[4]["error"].startswith("INVALID_ARGUMENT: max_tokens:")
+    assert res[5]["error"].startswith("INVALID_ARGUMENT: max_tokens:")
+    assert res[6]["finish"] == "length" and res[6]["completion_tokens"] == 5
+
+    full = _run(llm_model, {"prompt": "hello", "max_tokens": 24, "temperature": 0.0})[0]["text"]
+    stop = full[4:6]
+    for stream in (False, True):
+        got = _run(llm_model, {"prompt": "hello", "max_tokens": 24, "temperature": 0.0,
+                               "stop_json": f'["{stop}"]', "stream": stream})[0]
+        assert got["text"] == full[: full.find(stop)] and got["finish"] == "stop"
+
+
+def test_model_cancel(llm_model) -> None:  # type: ignore[no-untyped-def]
+    got = _run(llm_model, {"prompt": "hello", "max_tokens": 500, "stream": True}, cancel_after=3)[0]
+    assert got["finish"] == "cancelled" and got["completion_tokens"] == 3

@@ -129,7 +129,7 @@ def model_repository(cfg: MeshConfig) -> Path:
 
 def triton_spec(cfg: MeshConfig) -> ProcessSpec:
     # Imported here: specs injected by tests must not need the Triton wheel layout.
-    from llmesh.tritonserver import prepare_backends, server_command
+    from llmesh.tritonserver import TritonNotInstalled, prepare_backends, server_command
 
     # A child named `triton` in the server's cwd shadows OpenAI Triton inside the
     # Python-backend stub and breaks `import torch`: run from a folder without one.
@@ -137,13 +137,19 @@ def triton_spec(cfg: MeshConfig) -> ProcessSpec:
     workdir.mkdir(parents=True, exist_ok=True)
     if (workdir / "triton").exists():
         raise LauncherError(f"{workdir / 'triton'} must not exist (it breaks import torch in Triton)")
-    backends = prepare_backends(workdir / "backends")
+    repo = model_repository(cfg)
+    if not repo.is_dir():
+        raise LauncherError(f"Triton model repository not found: {repo}")
     t = cfg.triton
-    argv, env = server_command(
-        repo=model_repository(cfg), backends=backends, grpc_port=t.grpc_port,
-        http_port=t.http_port, metrics_port=t.metrics_port, models=list(t.models),
-        env_extra={"LLMESH_HOME": str(cfg.home), "LLMESH_LLM_PATH": str(cfg.llm_path)},
-    )  # fmt: skip
+    try:
+        backends = prepare_backends(workdir / "backends")
+        argv, env = server_command(
+            repo=repo, backends=backends, grpc_port=t.grpc_port,
+            http_port=t.http_port, metrics_port=t.metrics_port, models=list(t.models),
+            env_extra={"LLMESH_HOME": str(cfg.home), "LLMESH_LLM_PATH": str(cfg.llm_path)},
+        )  # fmt: skip
+    except TritonNotInstalled as e:
+        raise LauncherError(f"tritonserver: {e}") from e
     return ProcessSpec(
         name="tritonserver", argv=tuple(argv), env=env, cwd=str(workdir), port=t.grpc_port,
         health=HealthCheck("triton", t.http_port, models=tuple(t.models)),

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Sets up everything llmesh needs on a fresh Debian/Ubuntu machine with Python 3.11+:
+# redis-server (apt), a virtual environment with the pinned stack, the generated
+# gRPC code and the demo models. Idempotent: a second run only re-checks.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+
+say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+
+# 1. System packages (only what Python cannot bring): Redis.
+if ! command -v redis-server >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing redis-server (apt)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  elif command -v sudo >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    say "installing redis-server (sudo apt)"
+    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  else
+    echo "redis-server is required: install it (e.g. apt-get install redis-server) and re-run" >&2
+    exit 1
+  fi
+fi
+# The launcher runs its own Redis on 127.0.0.1; the distribution's service is not needed.
+
+# 2. Python 3.11+.
+py="${PYTHON:-}"
+if [ -z "$py" ]; then
+  for c in python3.11 python3.12 python3.13 python3; do
+    if command -v "$c" >/dev/null 2>&1 && "$c" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then py="$c"; break; fi
+  done
+fi
+[ -n "$py" ] || { echo "Python 3.11+ is required" >&2; exit 1; }
+
+# 3. Virtual environment with the pinned stack. torch is installed first, pinned, so
+#    nothing resolves a newer (CUDA) build.
+if [ ! -x .venv/bin/python ]; then
+  say "creating .venv with $("$py" --version)"
+  "$py" -m venv .venv
+fi
+stamp=".venv/.deps-$(sha256sum pyproject.toml | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  say "installing the pinned stack into .venv (a few minutes the first time)"
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q "torch==2.13.0"
+  .venv/bin/python -m pip install -q -e ".[dev]"
+  .venv/bin/python -m pip check
+  rm -f .venv/.deps-* && touch "$stamp"
+fi
+
+# 4. Generated gRPC code (never committed).
+PYTHON=.venv/bin/python bash scripts/gen_protos.sh >/dev/null
+say "generated gRPC code from protos/"
+
+# 5. Demo models (deterministic, offline) under LLMESH_HOME (default ./var).
+.venv/bin/llmesh models init
+say "done: activate with 'source .venv/bin/activate'"

@@ -1,0 +1,254 @@
+"""The ``llmesh`` command: models, the embedded mesh (up/down/status/logs), and
+calls against the running mesh (generate, chat, templates, demo).
+
+Heavy imports (torch for ``models init``, the launcher) happen inside commands,
+so ``llmesh --help`` and client calls start fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import grpc
+import typer
+from rich.console import Console
+
+from llmesh.runtime.config import ConfigError, MeshConfig, load_config
+
+app = typer.Typer(help="llmesh: serve, adapt and safely expose large models over gRPC.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+models_app = typer.Typer(help="Demo models under LLMESH_HOME/models.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+console = Console()
+err = Console(stderr=True)
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (default: LLMESH_CONFIG or the bundled default).")]
+AddressOpt = Annotated[Optional[str], typer.Option("--address", help="host:port of the inference API (default: from config).")]
+
+
+def _config(path: Path | None) -> MeshConfig:
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        err.print(f"[red]config error:[/red] {e}")
+        raise typer.Exit(2) from e
+
+
+def _address(cfg: MeshConfig, address: str | None) -> str:
+    return address or f"{cfg.inference.server.host}:{cfg.inference.server.port}"
+
+
+def _fail(e: grpc.RpcError) -> None:
+    from llmesh.client import describe_error
+
+    err.print(f"[red]{describe_error(e)}[/red]")
+    raise typer.Exit(1)
+
+
+@models_app.command("init")
+def models_init(config: ConfigOpt = None, force: Annotated[bool, typer.Option(help="Rebuild even if present.")] = False) -> None:
+    """Build the tiny demo models (Qwen2-style LM, CLIP) deterministically, offline."""
+    from llmesh.models.demo import init_models
+
+    cfg = _config(config)
+    for name, path in init_models(cfg.home, force=force).items():
+        console.print(f"{name}: {path}")
+
+
+@app.command()
+def up(config: ConfigOpt = None, timeout: Annotated[float, typer.Option(help="Seconds to wait for health.")] = 300) -> None:
+    """Start Redis, tritonserver and every service on 127.0.0.1, supervised; wait for health."""
+    from llmesh.launcher import control
+
+    cfg = _config(config)
+    try:
+        control.up(cfg, config_path=config, timeout=timeout)
+    except control.LauncherError as e:
+        err.print(f"[red]{e}[/red]")
+        raise typer.Exit(1) from e
+    control.render_status(control.status(cfg))
+
+
+@app.command()
+def down(config: ConfigOpt = None) -> None:
+    """Stop the mesh gracefully (services first, then Triton, then Redis)."""
+    from llmesh.launcher import control
+
+    if not control.down(_config(config)):
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(config: ConfigOpt = None) -> None:
+    """A table of every process: state, live health, port, pid, restarts."""
+    from llmesh.launcher import control
+
+    control.render_status(control.status(_config(config)))
+
+
+@app.command()
+def logs(name: Annotated[Optional[str], typer.Argument(help="Process name (redis, tritonserver, inference, supervisor); all if omitted.")] = None,
+         lines: Annotated[int, typer.Option("-n", help="Lines to show.")] = 50,
+         follow: Annotated[bool, typer.Option("-f", "--follow", help="Keep printing new lines.")] = False,
+         config: ConfigOpt = None) -> None:
+    """Show the logs of the mesh's processes."""
+    from llmesh.launcher import control
+
+    control.logs(_config(config), name, lines=lines, follow=follow)
+
+
+def _finish(value: int) -> str:
+    from llmesh.common.v1 import types_pb2
+
+    return types_pb2.FinishReason.Name(value).removeprefix("FINISH_REASON_").lower()
+
+
+def _parse_vars(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for p in pairs:
+        k, sep, v = p.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--var expects name=value, got {p!r}")
+        out[k] = v
+    return out
+
+
+@app.command()
+def generate(
+    prompt: Annotated[Optional[str], typer.Argument(help="Prompt text (omit with --template).")] = None,
+    stream: Annotated[bool, typer.Option("--stream", help="Print tokens as they arrive.")] = False,
+    adapter: Annotated[str, typer.Option(help="LoRA adapter name (name or name@version).")] = "",
+    template: Annotated[Optional[str], typer.Option(help="Template name (see `llmesh templates`).")] = None,
+    var: Annotated[list[str], typer.Option("--var", help="Template variable name=value (repeatable).")] = [],
+    max_tokens: Annotated[Optional[int], typer.Option()] = None,
+    temperature: Annotated[Optional[float], typer.Option()] = None,
+    top_p: Annotated[Optional[float], typer.Option()] = None,
+    top_k: Annotated[Optional[int], typer.Option()] = None,
+    seed: Annotated[Optional[int], typer.Option()] = None,
+    stop: Annotated[list[str], typer.Option("--stop", help="Stop sequence (repeatable).")] = [],
+    address: AddressOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Generate text from a prompt or a template."""
+    from llmesh.client import InferenceClient, sampling
+    from llmesh.inference.v1 import inference_pb2 as pb
+
+    s = sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop)
+    if template:
+        req = pb.GenerateRequest(template=pb.TemplateInput(name=template, variables=_parse_vars(var)), sampling=s, adapter=adapter)
+    else:
+        req = pb.GenerateRequest(prompt=prompt or "", sampling=s, adapter=adapter)
+    client = InferenceClient(_address(_config(config), address))
+    try:
+        if stream:
+            last = None
+            for msg in client.generate_stream(req):
+                sys.stdout.write(msg.text_delta)
+                sys.stdout.flush()
+                last = msg
+            print()
+            if last is not None:
+                u = last.usage
+                err.print(f"[dim]finish={_finish(last.finish_reason)} "
+                          f"prompt_tokens={u.prompt_tokens} completion_tokens={u.completion_tokens}[/dim]")
+        else:
+            r = client.generate(req)
+            print(r.text)
+            err.print(f"[dim]finish={_finish(r.finish_reason)} prompt_tokens={r.usage.prompt_tokens} "
+                      f"completion_tokens={r.usage.completion_tokens}[/dim]")
+    except grpc.RpcError as e:
+        _fail(e)
+    finally:
+        client.close()
+
+
+def _chat_turn(client, conversation_id: str, message: str, adapter: str, system: str, max_tokens: int | None) -> str:  # type: ignore[no-untyped-def]
+    from llmesh.client import sampling
+    from llmesh.inference.v1 import inference_pb2 as pb
+
+    req = pb.ChatRequest(conversation_id=conversation_id, message=message, adapter=adapter, system_prompt=system,
+                         sampling=sampling(max_tokens=max_tokens))
+    cid = conversation_id
+    for msg in client.chat_stream(req):
+        cid = msg.conversation_id
+        sys.stdout.write(msg.text_delta)
+        sys.stdout.flush()
+        if msg.finish_reason:
+            print()
+            err.print(f"[dim]conversation={cid} history={msg.history_length} "
+                      f"tokens={msg.usage.prompt_tokens}+{msg.usage.completion_tokens}[/dim]")
+    return cid
+
+
+@app.command()
+def chat(
+    message: Annotated[Optional[str], typer.Argument(help="One message; omit for an interactive session.")] = None,
+    conversation: Annotated[str, typer.Option("--conversation", help="Conversation id to continue.")] = "",
+    system: Annotated[str, typer.Option(help="System prompt for this conversation.")] = "",
+    adapter: Annotated[str, typer.Option(help="LoRA adapter name.")] = "",
+    max_tokens: Annotated[Optional[int], typer.Option()] = None,
+    address: AddressOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Chat with server-side memory (history kept per conversation id in Redis)."""
+    from llmesh.client import InferenceClient
+
+    client = InferenceClient(_address(_config(config), address))
+    cid = conversation
+    try:
+        if message is not None:
+            _chat_turn(client, cid, message, adapter, system, max_tokens)
+            return
+        err.print("[dim]empty line or Ctrl-D to quit[/dim]")
+        while True:
+            try:
+                line = input("you> ").strip()
+            except EOFError:
+                break
+            if not line:
+                break
+            sys.stdout.write("llm> ")
+            cid = _chat_turn(client, cid, line, adapter, system, max_tokens)
+            system = ""
+    except grpc.RpcError as e:
+        _fail(e)
+    finally:
+        client.close()
+
+
+@app.command()
+def templates(address: AddressOpt = None, config: ConfigOpt = None) -> None:
+    """List the prompt templates and their variables."""
+    from rich.table import Table
+
+    from llmesh.client import InferenceClient
+    from llmesh.inference.v1 import inference_pb2 as pb
+
+    client = InferenceClient(_address(_config(config), address))
+    try:
+        resp = client.stub.ListTemplates(pb.ListTemplatesRequest(), timeout=10)
+    except grpc.RpcError as e:
+        _fail(e)
+    table = Table("template", "variables", "description")
+    for t in resp.templates:
+        table.add_row(t.name, ", ".join(t.variables), t.description)
+    console.print(table)
+
+
+@app.command()
+def demo(config: ConfigOpt = None, timeout: Annotated[float, typer.Option(help="Seconds to wait for health.")] = 300) -> None:
+    """The main job: bring the mesh up, show a streamed generation, a templated
+    prompt and a chat turn, and leave the mesh running."""
+    from llmesh.demo import run_demo
+
+    raise typer.Exit(run_demo(_config(config), config, timeout))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""A throwaway mesh on free loopback ports in a folder of its own, for the test
+suite and the benchmarks (they must never touch the user's running mesh)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from llmesh.runtime.config import MeshConfig, load_config
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct ports free on 127.0.0.1 right now."""
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def write_config(home: Path, inference: dict[str, Any] | None = None) -> Path:
+    """A config file for a mesh living in ``home`` on fresh ports."""
+    redis_port, t_http, t_grpc, t_metrics, inf_port, inf_metrics = free_ports(6)
+    doc = {
+        "home": str(home),
+        "redis": {"port": redis_port},
+        "triton": {"grpc_port": t_grpc, "http_port": t_http, "metrics_port": t_metrics},
+        "inference": {
+            "server": {"port": inf_port, "metrics_port": inf_metrics, "grace_seconds": 10},
+            "peers": {"triton": f"127.0.0.1:{t_grpc}", "redis": f"redis://127.0.0.1:{redis_port}/0"},
+            **(inference or {}),
+        },
+    }
+    path = home / "llmesh.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@contextlib.contextmanager
+def ephemeral_mesh(home: Path, inference: dict[str, Any] | None = None, timeout: float = 300) -> Iterator[tuple[MeshConfig, Path]]:
+    """Build the demo models in ``home``, bring the mesh up, yield, bring it down."""
+    from llmesh.launcher import control
+    from llmesh.models.demo import init_models
+
+    home.mkdir(parents=True, exist_ok=True)
+    path = write_config(home, inference)
+    cfg = load_config(path, env={})
+    init_models(cfg.home)
+    try:
+        control.up(cfg, config_path=path, timeout=timeout)
+        yield cfg, path
+    finally:
+        control.down(cfg)

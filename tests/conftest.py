@@ -1,0 +1,88 @@
+"""Session-wide fixtures: the real mesh (Redis, tritonserver, services) is started
+once per test session by the launcher, on free loopback ports, in a temporary
+LLMESH_HOME, and stopped at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+import pytest
+
+from llmesh.runtime.config import MeshConfig, load_config
+from llmesh.sandbox import free_ports, write_config
+
+TEST_ADAPTER = "test-lora"
+# Small bounds so expiry and trimming are observable within a test.
+TEST_SETTINGS = {"chat_ttl_seconds": 4, "chat_max_messages": 6, "max_prompt_chars": 6000, "max_tokens_limit": 1024}
+__all__ = ["free_ports", "Mesh", "TEST_ADAPTER"]
+
+
+def make_adapter(base: Path, dest: Path, seed: int = 1234) -> None:
+    """A LoRA adapter with random (non-zero) weights, so it visibly changes outputs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                                  init_lora_weights=False))
+    peft_model.save_pretrained(dest)
+
+
+@dataclass
+class Mesh:
+    cfg: MeshConfig
+    config_path: Path
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.cfg.inference.server.port}"
+
+    def state(self) -> dict:
+        return json.loads((self.cfg.run_dir / "state.json").read_text())
+
+    def pid(self, name: str) -> int:
+        return next(p["pid"] for p in self.state()["processes"] if p["name"] == name)
+
+
+@pytest.fixture(scope="session")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    from llmesh.launcher import control
+    from llmesh.models.demo import init_models
+
+    for k in [k for k in os.environ if k.startswith("LLMESH")]:
+        del os.environ[k]  # the test mesh is configured only by its own file
+    home = tmp_path_factory.mktemp("llmesh-home")
+    path = write_config(home, TEST_SETTINGS)
+    cfg = load_config(path)
+    init_models(cfg.home)
+    make_adapter(cfg.llm_path, cfg.adapter_dir / TEST_ADAPTER)
+    try:
+        control.up(cfg, config_path=path, timeout=300)
+    except Exception:
+        for log in sorted(cfg.log_dir.glob("*.log")):
+            print(f"==== {log.name}\n" + log.read_text()[-3000:])
+        control.down(cfg)
+        raise
+    yield Mesh(cfg, path)
+    control.down(cfg)
+
+
+@pytest.fixture(scope="session")
+def channel(mesh: Mesh) -> Iterator[grpc.Channel]:
+    ch = grpc.insecure_channel(mesh.address)
+    yield ch
+    ch.close()
+
+
+@pytest.fixture(scope="session")
+def stub(channel: grpc.Channel):  # type: ignore[no-untyped-def]
+    from llmesh.inference.v1 import inference_pb2_grpc
+
+    return inference_pb2_grpc.InferenceStub(channel)

@@ -1,0 +1,43 @@
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+from tritonclient.utils import InferenceServerException
+
+from llmesh.runtime import errors
+from llmesh.runtime.interceptors import status_for
+from llmesh.services.inference.llm_backend import map_error
+
+
+def _details(trailers: tuple) -> status_pb2.Status:
+    raw = dict(trailers)["grpc-status-details-bin"]
+    return status_pb2.Status.FromString(raw)
+
+
+def test_invalid_argument_carries_bad_request_field() -> None:
+    code, msg, trailers = status_for(errors.InvalidArgument("sampling.top_p", "must be in (0, 1]"), "rid")
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "sampling.top_p" in msg
+    st = _details(trailers)
+    br = error_details_pb2.BadRequest()
+    assert any(d.Unpack(br) for d in st.details if d.Is(br.DESCRIPTOR))
+    assert br.field_violations[0].field == "sampling.top_p"
+    assert dict(trailers)["x-request-id"] == "rid"
+
+
+def test_unavailable_carries_retry_info() -> None:
+    code, _, trailers = status_for(errors.Unavailable("down", retry_after_s=2.5), "rid")
+    assert code == grpc.StatusCode.UNAVAILABLE
+    ri = error_details_pb2.RetryInfo()
+    assert any(d.Unpack(ri) for d in _details(trailers).details if d.Is(ri.DESCRIPTOR))
+    assert ri.retry_delay.ToTimedelta().total_seconds() == 2.5
+
+
+def test_unexpected_exception_is_internal_without_leaking() -> None:
+    code, msg, _ = status_for(KeyError("secret"), "rid")
+    assert code == grpc.StatusCode.INTERNAL and "secret" not in msg and "rid" in msg
+
+
+def test_triton_tagged_errors_map_to_domain_errors() -> None:
+    e = map_error(InferenceServerException("NOT_FOUND: adapter 'faq' not found"))
+    assert isinstance(e, errors.NotFound) and e.name == "faq"
+    e = map_error(InferenceServerException("INVALID_ARGUMENT: prompt: 2000 tokens + max_tokens exceeds 1024"))
+    assert isinstance(e, errors.InvalidArgument) and e.field == "prompt"
+    assert isinstance(map_error(InferenceServerException("Request for unknown model: 'llm' is not found")), errors.Unavailable)

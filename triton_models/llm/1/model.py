@@ -1,0 +1,585 @@
+"""Triton Python backend: batched, streaming causal-LM generation with per-request LoRA.
+
+Self-contained on purpose: the Python backend stub ignores PYTHONPATH, so this file only
+imports the standard library, numpy, torch, transformers and peft.
+
+Contract (see config.pbtxt; every tensor has dims [1] plus the batch dim):
+  inputs (all optional; exactly one of prompt / messages_json):
+    prompt STRING | messages_json STRING (JSON [{"role","content"}], chat template applied
+    with add_generation_prompt=True) | max_tokens INT32 (64) | temperature FP32 (1.0, 0 =
+    greedy) | top_p FP32 (1.0) | top_k INT32 (0 = off) | repetition_penalty FP32 (1.0) |
+    seed INT64 (absent or < 0 = random) | stop_json STRING (JSON list of stop strings) |
+    adapter STRING ("" = base model) | stream BOOL (false)
+  outputs: text STRING, prompt_tokens INT32, completion_tokens INT32,
+    finish_reason STRING ("stop" | "length" | "cancelled"; "" on non-final stream chunks)
+
+All requests of one execute() call are decoded together in one loop (left padding,
+attention mask, explicit position ids, KV cache), each row with its own sampling
+parameters and its own torch.Generator, so a seeded request yields the same tokens alone
+or batched, streamed or not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+ADAPTER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
+BASE = "__base__"
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+class RequestError(Exception):
+    """A problem with one request; turned into an error response for that request only."""
+
+    def __init__(self, message: str, code: Any) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _code(name: str) -> Any:
+    return getattr(pb_utils.TritonError, name, getattr(pb_utils.TritonError, "INTERNAL", None))
+
+
+def _invalid(field: str, why: str) -> RequestError:
+    return RequestError(f"INVALID_ARGUMENT: {field}: {why}", _code("INVALID_ARG"))
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+class Row:
+    """Per-request decoding state (one instance per request per execute call)."""
+
+    def __init__(self, request: Any) -> None:
+        self.request = request
+        self.sender = request.get_response_sender()
+        self.prompt_ids: list[int] = []
+        self.max_tokens = 64
+        self.temperature = 1.0
+        self.top_p = 1.0
+        self.top_k = 0
+        self.repetition_penalty = 1.0
+        self.seed: int | None = None
+        self.stops: list[str] = []
+        self.adapter = ""
+        self.stream = False
+        self.generator: Any = None
+        self.generated: list[int] = []
+        self.raw = bytearray()  # bytes of the generated text (special tokens excluded)
+        self.emitted = ""  # text already streamed
+        self.text = ""  # final text
+        self.finish: str | None = None  # set when the row is done
+        self.finalized = False  # FINAL response sent
+        self.seen: Any = None  # tensor of token ids for the repetition penalty
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, Any]) -> None:
+        t0 = time.perf_counter()
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        config = json.loads(args["model_config"])
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        self.model_path = os.path.expandvars(params.get("model_path", "${LLMESH_LLM_PATH}"))
+        self.adapter_dir = os.path.expandvars(params.get("adapter_dir", "${LLMESH_HOME}/adapters"))
+        self.cache_size = max(1, int(params.get("adapter_cache_size", "8") or 8))
+        threads = int(params.get("threads", "2") or 2)
+        torch.set_num_threads(max(1, threads))
+        if "$" in self.model_path or not os.path.isdir(self.model_path):
+            raise pb_utils.TritonModelException(
+                f"model_path {self.model_path!r} is not a folder (set LLMESH_LLM_PATH)"
+            )
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.base = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+        self.base.eval()
+        self.model: Any = self.base
+        self.peft = None  # PeftModel once the first adapter is loaded
+        self.adapters: OrderedDict[str, str] = OrderedDict()  # LRU: name -> folder
+
+        cfg = self.base.config
+        self.max_positions = int(getattr(cfg, "max_position_embeddings", 2048))
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            pad = self.tokenizer.eos_token_id
+        self.pad_id = int(pad if pad is not None else 0)
+        eos: set[int] = set()
+        for src in (self.tokenizer.eos_token_id, getattr(self.base.generation_config, "eos_token_id", None)):
+            if isinstance(src, int):
+                eos.add(src)
+            elif isinstance(src, (list, tuple)):
+                eos.update(int(x) for x in src)
+        self.eos_ids = eos
+        self.eos_tensor = torch.tensor(sorted(eos), dtype=torch.long)
+
+        # token id -> bytes (byte-level BPE); special / added tokens produce no text
+        byte_decoder = {c: b for b, c in _bytes_to_unicode().items()}
+        special = set(self.tokenizer.all_special_ids)
+        special.update(getattr(self.tokenizer, "added_tokens_decoder", {}).keys())
+        vocab_n = len(self.tokenizer)
+        self.id_bytes: list[bytes] = []
+        for i in range(max(vocab_n, cfg.vocab_size)):
+            tok = self.tokenizer.convert_ids_to_tokens(i) if i < vocab_n else None
+            if tok is None or i in special:
+                self.id_bytes.append(b"")
+            elif all(ch in byte_decoder for ch in tok):
+                self.id_bytes.append(bytes(byte_decoder[ch] for ch in tok))
+            else:  # not a byte-level token: fall back to the tokenizer
+                self.id_bytes.append(self.tokenizer.decode([i]).encode("utf-8"))
+
+        self.logger = pb_utils.Logger
+        self.logger.log_info(
+            f"llm: loaded {self.model_path} in {time.perf_counter() - t0:.2f}s "
+            f"(vocab={cfg.vocab_size}, max_positions={self.max_positions}, threads={threads}, "
+            f"adapter_dir={self.adapter_dir}, adapter_cache_size={self.cache_size})"
+        )
+
+    # ------------------------------------------------------------------ inputs
+
+    @staticmethod
+    def _scalar(request: Any, name: str) -> Any:
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        if tensor is None:
+            return None
+        arr = tensor.as_numpy()
+        if arr.size != 1:
+            raise _invalid(name, f"expected one value, got shape {list(arr.shape)}")
+        return arr.reshape(-1)[0]
+
+    def _string(self, request: Any, name: str) -> str | None:
+        value = self._scalar(request, name)
+        if value is None:
+            return None
+        if isinstance(value, bytes):
+            try:
+                return value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise _invalid(name, "not valid UTF-8") from None
+        return str(value)
+
+    def _parse(self, row: Row) -> None:
+        req = row.request
+        prompt = self._string(req, "prompt")
+        messages_json = self._string(req, "messages_json")
+        if (prompt is None) == (messages_json is None):
+            raise _invalid("prompt", "exactly one of prompt or messages_json is required")
+        if messages_json is not None:
+            try:
+                messages = json.loads(messages_json)
+            except ValueError as exc:
+                raise _invalid("messages_json", f"bad JSON ({exc})") from None
+            if not isinstance(messages, list) or not messages:
+                raise _invalid("messages_json", "must be a non-empty JSON list")
+            for m in messages:
+                if not (
+                    isinstance(m, dict)
+                    and isinstance(m.get("role"), str)
+                    and isinstance(m.get("content"), str)
+                ):
+                    raise _invalid("messages_json", 'each item needs string "role" and "content"')
+            try:
+                text = self.tokenizer.apply_chat_template(
+                    [{"role": m["role"], "content": m["content"]} for m in messages],
+                    add_generation_prompt=True,
+                    tokenize=False,
+                )
+            except Exception as exc:  # template errors are the caller's input
+                raise _invalid("messages_json", f"chat template failed ({exc})") from None
+        else:
+            text = prompt or ""
+        row.prompt_ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if not row.prompt_ids:
+            raise _invalid("prompt", "empty prompt")
+
+        v = self._scalar(req, "max_tokens")
+        row.max_tokens = 64 if v is None else int(v)
+        if row.max_tokens < 1:
+            raise _invalid("max_tokens", "must be >= 1")
+        if len(row.prompt_ids) + row.max_tokens > self.max_positions:
+            raise _invalid(
+                "max_tokens",
+                f"prompt tokens ({len(row.prompt_ids)}) + max_tokens ({row.max_tokens}) "
+                f"exceeds the context of {self.max_positions}",
+            )
+        v = self._scalar(req, "temperature")
+        row.temperature = 1.0 if v is None else float(v)
+        if not np.isfinite(row.temperature) or row.temperature < 0:
+            raise _invalid("temperature", "must be >= 0")
+        v = self._scalar(req, "top_p")
+        row.top_p = 1.0 if v is None else float(v)
+        if not np.isfinite(row.top_p) or not 0 < row.top_p <= 1:
+            raise _invalid("top_p", "must be in (0, 1]")
+        v = self._scalar(req, "top_k")
+        row.top_k = 0 if v is None else int(v)
+        if row.top_k < 0:
+            raise _invalid("top_k", "must be >= 0")
+        v = self._scalar(req, "repetition_penalty")
+        row.repetition_penalty = 1.0 if v is None else float(v)
+        if not np.isfinite(row.repetition_penalty) or row.repetition_penalty <= 0:
+            raise _invalid("repetition_penalty", "must be > 0")
+        v = self._scalar(req, "seed")
+        row.seed = None if v is None or int(v) < 0 else int(v)  # negative = random
+        stop_json = self._string(req, "stop_json")
+        if stop_json:
+            try:
+                stops = json.loads(stop_json)
+            except ValueError as exc:
+                raise _invalid("stop_json", f"bad JSON ({exc})") from None
+            if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+                raise _invalid("stop_json", "must be a JSON list of strings")
+            row.stops = [s for s in stops if s]
+        adapter = self._string(req, "adapter") or ""
+        if adapter and not ADAPTER_RE.match(adapter):
+            raise _invalid("adapter", f"invalid adapter name {adapter!r}")
+        row.adapter = adapter
+        v = self._scalar(req, "stream")
+        row.stream = bool(v) if v is not None else False
+
+        gen = self.torch.Generator()
+        if row.seed is None:
+            gen.manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
+        else:
+            gen.manual_seed(row.seed & 0xFFFFFFFFFFFFFFFF)
+        row.generator = gen
+
+    # ------------------------------------------------------------------ adapters
+
+    def _ensure_adapters(self, names: set[str]) -> dict[str, RequestError]:
+        """Load missing adapters (LRU-bounded). Returns errors for names that failed."""
+        errors: dict[str, RequestError] = {}
+        for name in sorted(names):
+            if name in self.adapters:
+                self.adapters.move_to_end(name)
+                continue
+            folder = os.path.join(self.adapter_dir, name)
+            if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
+                errors[name] = RequestError(
+                    f"NOT_FOUND: adapter '{name}' not found", _code("NOT_FOUND")
+                )
+                continue
+            t0 = time.perf_counter()
+            try:
+                if self.peft is None:
+                    from peft import PeftModel
+
+                    self.peft = PeftModel.from_pretrained(
+                        self.base, folder, adapter_name=name, is_trainable=False
+                    )
+                    self.peft.eval()
+                    self.model = self.peft
+                else:
+                    self.peft.load_adapter(folder, adapter_name=name, is_trainable=False)
+            except Exception as exc:
+                errors[name] = RequestError(
+                    f"INVALID_ARGUMENT: adapter: cannot load adapter '{name}' ({exc})",
+                    _code("INVALID_ARG"),
+                )
+                continue
+            self.adapters[name] = folder
+            self.logger.log_info(
+                f"llm: loaded adapter {name!r} in {(time.perf_counter() - t0) * 1000:.1f} ms"
+            )
+        # evict least recently used adapters not needed by this batch
+        while len(self.adapters) > self.cache_size:
+            victim = next((n for n in self.adapters if n not in names), None)
+            if victim is None:
+                break
+            self.adapters.pop(victim)
+            try:
+                self.peft.delete_adapter(victim)
+                self.logger.log_info(f"llm: evicted adapter {victim!r}")
+            except Exception as exc:  # keep serving; the adapter just stays resident
+                self.logger.log_warn(f"llm: could not evict adapter {victim!r}: {exc}")
+        return errors
+
+    # ------------------------------------------------------------------ responses
+
+    def _response(self, text: str, row: Row, finish: str) -> Any:
+        return pb_utils.InferenceResponse(
+            output_tensors=[
+                pb_utils.Tensor("text", np.array([[text.encode("utf-8")]], dtype=np.object_)),
+                pb_utils.Tensor("prompt_tokens", np.array([[len(row.prompt_ids)]], dtype=np.int32)),
+                pb_utils.Tensor("completion_tokens", np.array([[len(row.generated)]], dtype=np.int32)),
+                pb_utils.Tensor("finish_reason", np.array([[finish.encode()]], dtype=np.object_)),
+            ]
+        )
+
+    def _send_error(self, row: Row, err: RequestError) -> None:
+        if row.finalized:
+            return
+        row.finalized = True
+        row.finish = "error"
+        try:
+            row.sender.send(
+                pb_utils.InferenceResponse(error=pb_utils.TritonError(str(err), err.code)),
+                flags=FINAL,
+            )
+        except Exception as exc:
+            self.logger.log_warn(f"llm: could not send error response: {exc}")
+
+    def _finalize(self, row: Row) -> None:
+        if row.finalized:
+            return
+        row.finalized = True
+        try:
+            if row.finish == "cancelled":
+                try:
+                    rest = row.text[len(row.emitted):] if row.stream else row.text
+                    row.sender.send(self._response(rest, row, "cancelled"), flags=FINAL)
+                except Exception:
+                    row.sender.send(flags=FINAL)
+            elif row.stream:
+                rest = row.text[len(row.emitted):]
+                row.sender.send(self._response(rest, row, row.finish or "stop"), flags=FINAL)
+            else:
+                row.sender.send(self._response(row.text, row, row.finish or "stop"), flags=FINAL)
+        except Exception as exc:
+            self.logger.log_warn(f"llm: could not send final response: {exc}")
+
+    # ------------------------------------------------------------------ text
+
+    def _update_text(self, row: Row) -> None:
+        """Recompute row.text after a new token; detect stop strings; stream deltas."""
+        text = row.raw.decode("utf-8", errors="replace")
+        if row.stops:
+            lo = max(0, len(row.emitted) - max(len(s) for s in row.stops))
+            cut = -1
+            for s in row.stops:
+                i = text.find(s, lo)
+                if i != -1 and (cut == -1 or i < cut):
+                    cut = i
+            if cut != -1:
+                row.text = text[:cut]
+                row.finish = "stop"
+                return
+        row.text = text
+        if not row.stream:
+            return
+        # hold back an incomplete UTF-8 tail and anything that may start a stop string
+        stable = len(text)
+        while stable > 0 and text[stable - 1] == "\ufffd":
+            stable -= 1
+        for s in row.stops:
+            for k in range(min(len(s) - 1, stable), 0, -1):
+                if text[stable - k:stable] == s[:k]:
+                    stable -= k
+                    break
+        stable = max(stable, len(row.emitted))
+        delta = text[len(row.emitted):stable]
+        if delta:
+            try:
+                row.sender.send(self._response(delta, row, ""))
+                row.emitted += delta
+            except Exception as exc:
+                self.logger.log_warn(f"llm: could not stream: {exc}")
+
+    # ------------------------------------------------------------------ sampling
+
+    def _sample(self, row: Row, logits: Any) -> int:
+        torch = self.torch
+        logits = logits.float()
+        if row.repetition_penalty != 1.0 and row.seen is not None and row.seen.numel():
+            picked = logits.index_select(0, row.seen)
+            picked = torch.where(
+                picked < 0, picked * row.repetition_penalty, picked / row.repetition_penalty
+            )
+            logits = logits.index_copy(0, row.seen, picked)
+        if row.temperature == 0:
+            return int(torch.argmax(logits).item())
+        logits = logits / row.temperature
+        if row.top_k and row.top_k < logits.numel():
+            kth = torch.topk(logits, row.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if row.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=True)
+            cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+            remove = cum - torch.softmax(sorted_logits, dim=-1) >= row.top_p
+            remove[0] = False
+            logits = logits.index_fill(0, order[remove], float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=row.generator).item())
+
+    @staticmethod
+    def _is_cancelled(row: Row) -> bool:
+        try:
+            return bool(row.request.is_cancelled())
+        except Exception:
+            pass
+        try:
+            return bool(row.sender.is_cancelled())
+        except Exception:
+            return False
+
+    # ------------------------------------------------------------------ execute
+
+    def execute(self, requests: list[Any]) -> None:
+        rows: list[Row] = []
+        for request in requests:
+            try:
+                row = Row(request)
+            except Exception as exc:  # cannot even get a sender: nothing to answer on
+                self.logger.log_error(f"llm: bad request object: {exc}")
+                continue
+            try:
+                self._parse(row)
+            except RequestError as err:
+                self._send_error(row, err)
+                continue
+            except Exception as exc:
+                self._send_error(row, RequestError(f"INVALID_ARGUMENT: request: {exc}", _code("INVALID_ARG")))
+                continue
+            rows.append(row)
+
+        live = [r for r in rows if not r.finalized]
+        if live:
+            try:
+                names = {r.adapter for r in live if r.adapter}
+                errors = self._ensure_adapters(names) if names else {}
+                for r in live:
+                    if r.adapter in errors:
+                        self._send_error(r, errors[r.adapter])
+                live = [r for r in live if not r.finalized]
+                if live:
+                    t0 = time.perf_counter()
+                    steps = self._generate(live)
+                    dt = time.perf_counter() - t0
+                    ntok = sum(len(r.generated) for r in live)
+                    self.logger.log_info(
+                        f"llm: execute batch={len(requests)} decoded={len(live)} steps={steps} "
+                        f"tokens={ntok} time={dt * 1000:.1f}ms "
+                        f"finish={[r.finish for r in live]} "
+                        f"adapters={sorted({r.adapter for r in live if r.adapter})}"
+                    )
+            except Exception as exc:  # never crash the stub; fail the unfinished rows
+                self.logger.log_error(f"llm: generation failed: {exc!r}")
+                for r in live:
+                    self._send_error(r, RequestError(f"INTERNAL: {exc}", _code("INTERNAL")))
+        return None
+
+    def _generate(self, rows: list[Row]) -> int:
+        torch = self.torch
+        n = len(rows)
+        lengths = [len(r.prompt_ids) for r in rows]
+        width = max(lengths)
+        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            input_ids[i, width - lengths[i]:] = torch.tensor(r.prompt_ids, dtype=torch.long)
+            mask[i, width - lengths[i]:] = 1
+            if r.repetition_penalty != 1.0:
+                r.seen = torch.tensor(sorted(set(r.prompt_ids)), dtype=torch.long)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+
+        active = list(range(n))  # indices (into rows) of the rows still in the batch
+        past = None
+        step_ids, step_mask, step_pos = input_ids, mask, positions
+        steps = 0
+        use_peft = self.peft is not None
+        with torch.inference_mode():
+            while active:
+                kwargs: dict[str, Any] = {}
+                if use_peft:
+                    kwargs["adapter_names"] = [rows[i].adapter or BASE for i in active]
+                out = self.model(
+                    input_ids=step_ids,
+                    attention_mask=step_mask,
+                    position_ids=step_pos,
+                    past_key_values=past,
+                    use_cache=True,
+                    **kwargs,
+                )
+                past = out.past_key_values
+                logits = out.logits[:, -1, :]
+                steps += 1
+                next_tokens: list[int] = []
+                for j, i in enumerate(active):
+                    r = rows[i]
+                    if self._is_cancelled(r):
+                        r.finish = "cancelled"
+                        next_tokens.append(self.pad_id)
+                        continue
+                    tok = self._sample(r, logits[j])
+                    next_tokens.append(tok)
+                    r.generated.append(tok)
+                    if r.seen is not None:
+                        r.seen = torch.unique(torch.cat([r.seen, torch.tensor([tok])]))
+                    if tok in self.eos_ids:
+                        r.finish = "stop"
+                        r.text = r.raw.decode("utf-8", errors="replace")
+                        continue
+                    r.raw += self.id_bytes[tok] if tok < len(self.id_bytes) else b""
+                    self._update_text(r)
+                    if r.finish is None and len(r.generated) >= r.max_tokens:
+                        r.finish = "length"
+                        r.text = r.raw.decode("utf-8", errors="replace")
+                        # stop strings may still cut it
+                        self._update_text_final(r)
+                keep: list[int] = []
+                for j, i in enumerate(active):
+                    r = rows[i]
+                    if r.finish is not None:
+                        self._finalize(r)
+                    else:
+                        keep.append(j)
+                if not keep:
+                    break
+                if len(keep) != len(active):
+                    idx = torch.tensor(keep, dtype=torch.long)
+                    past = self._select_cache(past, idx)
+                    step_mask = step_mask.index_select(0, idx)
+                    step_pos = step_pos.index_select(0, idx)
+                    active = [active[j] for j in keep]
+                    next_tokens = [next_tokens[j] for j in keep]
+                step_ids = torch.tensor(next_tokens, dtype=torch.long).unsqueeze(1)
+                step_mask = torch.cat([step_mask, torch.ones((len(active), 1), dtype=torch.long)], 1)
+                step_pos = step_pos[:, -1:] + 1
+        for r in rows:  # safety net: every request gets exactly one FINAL response
+            if not r.finalized:
+                r.finish = r.finish or "stop"
+                self._finalize(r)
+        return steps
+
+    def _update_text_final(self, row: Row) -> None:
+        if row.stops:
+            text = row.raw.decode("utf-8", errors="replace")
+            cut = min((i for i in (text.find(s) for s in row.stops) if i != -1), default=-1)
+            if cut != -1:
+                row.text = text[:cut]
+                row.finish = "stop"
+
+    @staticmethod
+    def _select_cache(past: Any, idx: Any) -> Any:
+        if hasattr(past, "batch_select_indices"):
+            past.batch_select_indices(idx)
+            return past
+        layers = getattr(past, "layers", None)
+        if layers is not None:
+            for layer in layers:
+                layer.batch_select_indices(idx)
+            return past
+        if isinstance(past, tuple):
+            return tuple(tuple(t.index_select(0, idx) for t in layer) for layer in past)
+        raise RuntimeError("cannot select rows of the KV cache")
+
+    def finalize(self) -> None:
+        self.logger.log_info("llm: unloading")
