@@ -8,16 +8,19 @@ cd "$root"
 
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 
-# 1. System packages (only what Python cannot bring): Redis.
-if ! command -v redis-server >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    say "installing redis-server (apt)"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
-  elif command -v sudo >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
-    say "installing redis-server (sudo apt)"
-    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+# 1. System packages (only what Python cannot bring): Redis, and protoc for the
+#    Java/other-language stubs check.
+need=()
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+if [ ${#need[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  if command -v apt-get >/dev/null 2>&1 && { [ -z "$sudo" ] || command -v sudo >/dev/null 2>&1; }; then
+    say "installing ${need[*]} (apt)"
+    $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
   else
-    echo "redis-server is required: install it (e.g. apt-get install redis-server) and re-run" >&2
+    echo "please install: ${need[*]} (e.g. apt-get install ${need[*]}) and re-run" >&2
     exit 1
   fi
 fi

@@ -76,8 +76,7 @@ def down(config: ConfigOpt = None) -> None:
     """Stop the mesh gracefully (services first, then Triton, then Redis)."""
     from llmesh.launcher import control
 
-    if not control.down(_config(config)):
-        raise typer.Exit(1)
+    control.down(_config(config))  # "not running" is not an error: down is idempotent
 
 
 @app.command()
@@ -96,7 +95,11 @@ def logs(name: Annotated[Optional[str], typer.Argument(help="Process name (redis
     """Show the logs of the mesh's processes."""
     from llmesh.launcher import control
 
-    control.logs(_config(config), name, lines=lines, follow=follow)
+    try:
+        control.logs(_config(config), name, lines=lines, follow=follow)
+    except control.LauncherError as e:
+        err.print(f"[red]{e}[/red]")
+        raise typer.Exit(1) from e
 
 
 def _finish(value: int) -> str:

@@ -8,6 +8,7 @@ Triton model are covered by the full-mesh test.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import shutil
@@ -17,13 +18,14 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import psutil
 import pytest
 
-from llmesh.launcher import LauncherError, RestartPolicy, down, logs, status, up
+from llmesh.launcher import LauncherError, RestartPolicy, Supervisor, down, logs, status, up
 from llmesh.launcher.processes import (
     ProcessSpec,
     inference_spec,
@@ -136,7 +138,7 @@ def _tree(pid: int) -> set[int]:
 
 def _alive(pid: int) -> bool:
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return False
 
@@ -155,7 +157,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[MeshConfig,
         "from llmesh.runtime.config import load_config\n"
         "up(load_config(sys.argv[1], env={}), Path(sys.argv[1]), 40, read_specs(Path(sys.argv[2])))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code, str(path), str(specs)], capture_output=True, text=True, timeout=50)
+    argv = [sys.executable, "-c", code, str(path), str(specs)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=50, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     try:
         yield cfg, path
@@ -272,6 +275,26 @@ def test_crash_loop_at_start_fails_up(tmp_path: Path) -> None:
     # The supervisor stopped what it had started and exited.
     assert _proc(cfg, "redis")["state"] == "stopped" and not _alive(_proc(cfg, "redis")["pid"])
     assert running_supervisor(cfg) is None and not pid_path(cfg).exists()
+
+
+async def test_supervisor_in_process(tmp_path: Path) -> None:
+    """The process list is injectable at the function level too: `Supervisor(cfg, specs)`."""
+    cfg, path = _make_home(tmp_path)
+    sup = Supervisor(cfg, [redis_spec(cfg), _standin(cfg, path, tmp_path, delay=0)])
+    run = asyncio.create_task(sup.run(handle_signals=False))
+    try:
+        async with asyncio.timeout(20):
+            while (read_state(cfg) or {}).get("phase") != "running":
+                assert not run.done(), sup.error
+                await asyncio.sleep(0.1)
+        assert [c.state for c in sup.children] == ["healthy", "healthy"]
+        assert pid_path(cfg).read_text().strip() == str(os.getpid())
+        pids = set().union(*(_tree(c.pid) for c in sup.children if c.pid))
+    finally:
+        sup.request_stop()
+        assert await asyncio.wait_for(run, 30) == 0
+    assert not [p for p in pids if _alive(p)]
+    assert (read_state(cfg) or {}).get("phase") == "stopped" and not pid_path(cfg).exists()
 
 
 def test_port_taken_is_refused(tmp_path: Path) -> None:

@@ -206,6 +206,15 @@ def _fake_pb_utils():  # type: ignore[no-untyped-def]
 
         log_warn = log_error = log_info
 
+    class MetricFamily:
+        COUNTER, GAUGE = "counter", "gauge"
+
+        def __init__(self, name: str, description: str, kind: str) -> None:
+            self.name = name
+
+        def Metric(self, labels: dict[str, str]):  # type: ignore[no-untyped-def]  # noqa: N802 (Triton's name)
+            return types.SimpleNamespace(value=0, increment=lambda v: None)
+
     def get_input_tensor_by_name(request: _FakeRequest, name: str):  # type: ignore[no-untyped-def]
         if name not in request.inputs:
             return None
@@ -217,6 +226,7 @@ def _fake_pb_utils():  # type: ignore[no-untyped-def]
 
     pb.Tensor, pb.TritonError, pb.InferenceResponse, pb.Logger = Tensor, TritonError, InferenceResponse, Logger
     pb.TritonModelException = RuntimeError
+    pb.MetricFamily = MetricFamily
     pb.get_input_tensor_by_name = get_input_tensor_by_name
     return pb
 

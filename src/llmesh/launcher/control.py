@@ -9,9 +9,10 @@ import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import psutil
 from rich.console import Console
@@ -85,8 +86,8 @@ def up(
         else:
             _kill_leftovers(cfg)
         raise
+    # The caller renders the table (render_status(status(cfg))): printed once, not twice.
     console.print(f"llmesh is up (supervisor pid {proc.pid}, logs in {cfg.log_dir})")
-    render_status(status(cfg))
 
 
 def _spawn_supervisor(cfg: MeshConfig, config_path: Path | None) -> subprocess.Popen[bytes]:
@@ -144,10 +145,10 @@ def _failure_report(cfg: MeshConfig, headline: str) -> str:
 
 def _failing_process(state: dict[str, Any]) -> dict[str, Any] | None:
     # After a failed start everything is "stopped"; the error names the culprit.
-    procs = state.get("processes", [])
+    procs: list[dict[str, Any]] = state.get("processes", [])
     bad = [p for p in procs if p.get("state") not in ("healthy", "stopped")]
     named = [p for p in procs if str(state.get("error") or "").startswith(f"{p['name']}:")]
-    return (bad or named or [None])[0]
+    return next(iter(bad or named), None)
 
 
 # --- down -----------------------------------------------------------------------------
@@ -253,12 +254,11 @@ def status(cfg: MeshConfig) -> list[ProcessStatus]:
         if not supervised and recorded != "stopped":
             # Nobody updates the file any more: say what is actually true.
             recorded = "orphaned" if pid and is_alive(pid, rec.get("create_time")) else "stopped"
-        rows.append(
-            ProcessStatus(
-                name=str(rec["name"]), state=recorded, health=_live_health(rec),
-                port=int(rec.get("port", 0)), pid=pid, restarts=int(rec.get("restarts", 0)),
-            )  # fmt: skip
-        )
+        row = ProcessStatus(
+            name=str(rec["name"]), state=recorded, health=_live_health(rec),
+            port=int(rec.get("port", 0)), pid=pid, restarts=int(rec.get("restarts", 0)),
+        )  # fmt: skip
+        rows.append(row)
     return rows
 
 

@@ -12,9 +12,10 @@ import os
 import shutil
 import socket
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import psutil
 
@@ -60,8 +61,14 @@ class ProcessSpec:
     # Every port the process binds; each must be free before the first start.
     ports: tuple[int, ...] = ()
     grace_s: float = 10.0  # SIGTERM → SIGKILL delay at stop
+    # SIGTERM the whole process group at stop (False: the leader only, for a server that
+    # stops its own children; the group still gets SIGKILL after the grace).
+    term_group: bool = True
     start_timeout_s: float = 120.0  # first start: spawn → healthy
     restart: RestartPolicy = field(default_factory=RestartPolicy)
+    # /dev/shm files with these name prefixes that the process maps are removed once
+    # it is gone: a killed tritonserver leaves its Python-backend regions behind.
+    shm_prefixes: tuple[str, ...] = ()
 
     def all_ports(self) -> tuple[int, ...]:
         return tuple(dict.fromkeys((self.port, *self.ports)))
@@ -84,8 +91,10 @@ class ProcessSpec:
             health=HealthCheck(**h),
             ports=tuple(d.get("ports", ())),
             grace_s=float(d.get("grace_s", 10.0)),
+            term_group=bool(d.get("term_group", True)),
             start_timeout_s=float(d.get("start_timeout_s", 120.0)),
             restart=RestartPolicy(**d.get("restart", {})),
+            shm_prefixes=tuple(d.get("shm_prefixes", ())),
         )
 
 
@@ -154,6 +163,9 @@ def triton_spec(cfg: MeshConfig) -> ProcessSpec:
         name="tritonserver", argv=tuple(argv), env=env, cwd=str(workdir), port=t.grpc_port,
         health=HealthCheck("triton", t.http_port, models=tuple(t.models)),
         ports=(t.http_port, t.metrics_port), grace_s=15.0, start_timeout_s=300.0,
+        # tritonserver unloads models through its stubs at SIGTERM; a stub that gets
+        # the SIGTERM too can die first and leave the server waiting out its exit timeout.
+        term_group=False, shm_prefixes=("triton_python_backend_shm_region_",),
     )  # fmt: skip
 
 

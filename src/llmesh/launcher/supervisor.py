@@ -17,9 +17,10 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import IO, Any, Literal
 
 import psutil
 
@@ -58,6 +59,7 @@ class Child:
     healthy_since_spawn: bool = False
     backoff_s: float = 0.0
     restart_times: collections.deque[float] = field(default_factory=collections.deque)
+    shm_files: set[str] = field(default_factory=set)  # see ProcessSpec.shm_prefixes
     became_healthy: asyncio.Event = field(default_factory=asyncio.Event)
     gave_up: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -83,6 +85,33 @@ class Child:
             "create_time": self.create_time,
             "probe": {"kind": h.kind, "host": h.host, "port": h.port, "models": list(h.models)},
         }
+
+
+def _mapped_shm(pid: int, prefixes: tuple[str, ...]) -> set[str]:
+    """/dev/shm files with one of `prefixes` mapped by `pid` or its descendants."""
+    found: set[str] = set()
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return found
+    for p in procs:
+        try:
+            with open(f"/proc/{p.pid}/maps", encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    path = line.rstrip("\n").partition("/dev/shm/")[2]
+                    if path and path.startswith(prefixes):
+                        found.add(f"/dev/shm/{path.removesuffix(' (deleted)')}")
+        except OSError:
+            continue
+    return found
+
+
+def _open_log(path: Path, name: str) -> IO[bytes]:
+    """The process's log, appended to, with a marker line where each run starts."""
+    out = open(path, "ab")  # noqa: SIM115 (returned to a with-statement)
+    out.write(f"\n--- llmesh: starting {name} at {time.strftime('%Y-%m-%dT%H:%M:%S%z')} ---\n".encode())
+    out.flush()
+    return out
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> bool:
@@ -117,13 +146,16 @@ class Supervisor:
 
     # --- lifecycle ------------------------------------------------------------------
 
-    async def run(self) -> int:
-        """Until stopped; 0 after a clean stop, 1 when the mesh failed to start."""
+    async def run(self, *, handle_signals: bool = True) -> int:
+        """Until stopped (SIGTERM/SIGINT or `request_stop`); 0 after a clean stop,
+        1 when the mesh failed to start. `handle_signals=False` to embed it in a
+        program that owns its signals (tests)."""
         self.cfg.log_dir.mkdir(parents=True, exist_ok=True)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.request_stop)
         self._write_pid()
+        signals = (signal.SIGTERM, signal.SIGINT) if handle_signals else ()
+        loop = asyncio.get_running_loop()
+        for sig in signals:
+            loop.add_signal_handler(sig, self.request_stop)
         try:
             self._write_state()
             if await self._start_all():
@@ -136,6 +168,8 @@ class Supervisor:
             self.phase = "failed" if self.error else "stopped"
             self._write_state()
             self._remove_pid()
+            for sig in signals:
+                loop.remove_signal_handler(sig)
         return 1 if self.error else 0
 
     def request_stop(self) -> None:
@@ -194,7 +228,10 @@ class Supervisor:
         proc = child.process
         if proc is not None and proc.returncode is None:
             log.info("stopping %s (pid %d, grace %.0f s)", child.spec.name, proc.pid, child.spec.grace_s)
-            _signal_group(proc.pid, signal.SIGTERM)
+            if child.spec.term_group:
+                _signal_group(proc.pid, signal.SIGTERM)
+            else:
+                proc.send_signal(signal.SIGTERM)
             try:
                 await asyncio.wait_for(proc.wait(), child.spec.grace_s)
             except TimeoutError:
@@ -204,6 +241,7 @@ class Supervisor:
             child.last_exit_code = proc.returncode
         if proc is not None:
             _signal_group(proc.pid, signal.SIGKILL)  # children that outlived their leader
+        self._remove_shm(child)
         if child.state != "crash-loop":  # keep why it was down for whoever reads the state
             child.state = "stopped"
         child.health = DOWN
@@ -243,9 +281,7 @@ class Supervisor:
         child.health = DOWN
         child.state = "starting"
         child.spawned_at = time.monotonic()
-        with open(child.log_path, "ab") as out:
-            out.write(f"\n--- llmesh: starting {spec.name} at {time.strftime('%Y-%m-%dT%H:%M:%S%z')} ---\n".encode())
-            out.flush()
+        with _open_log(child.log_path, spec.name) as out:
             try:
                 # Own session and process group: stop signals the whole group, and a
                 # Ctrl-C in the terminal that ran `llmesh up` never reaches the mesh.
@@ -283,6 +319,9 @@ class Supervisor:
 
     async def _probe(self, child: Child) -> None:
         health = await asyncio.to_thread(probe, child.spec.health)
+        if child.spec.shm_prefixes and child.pid is not None:
+            # At every probe, starting included: regions appear while models load.
+            child.shm_files |= await asyncio.to_thread(_mapped_shm, child.pid, child.spec.shm_prefixes)
         if self._stop.is_set() or not child.running:
             return
         if health == SERVING:
@@ -303,6 +342,15 @@ class Supervisor:
         child.health = DOWN
         if child.process is not None:
             _signal_group(child.process.pid, signal.SIGKILL)  # orphans of the dead leader
+        self._remove_shm(child)
+
+    def _remove_shm(self, child: Child) -> None:
+        # Safe even if a dying stub still maps one: the mapping outlives the name.
+        for path in child.shm_files:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                log.info("%s: removed leftover %s", child.spec.name, path)
+        child.shm_files.clear()
 
     def _crash_looping(self, child: Child) -> bool:
         policy = child.spec.restart

@@ -114,6 +114,12 @@ class TritonPythonModel:
         self.base = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
         self.base.eval()
         self.model: Any = self.base
+        # transformers 5.24 renamed past_key_values -> cache (old name removed in 5.40)
+        import inspect
+
+        fwd = inspect.signature(self.base.forward).parameters
+        self.cache_kw = "cache" if "cache" in fwd else "past_key_values"
+        self.keep_kw = "logits_to_keep" if "logits_to_keep" in fwd else None
         self.peft = None  # PeftModel once the first adapter is loaded
         self.adapters: OrderedDict[str, str] = OrderedDict()  # LRU: name -> folder
 
@@ -146,6 +152,30 @@ class TritonPythonModel:
                 self.id_bytes.append(bytes(byte_decoder[ch] for ch in tok))
             else:  # not a byte-level token: fall back to the tokenizer
                 self.id_bytes.append(self.tokenizer.decode([i]).encode("utf-8"))
+
+        # Custom metrics on Triton's /metrics endpoint (next to nv_inference_*).
+        tokens = pb_utils.MetricFamily(
+            name="llmesh_llm_generated_tokens_total",
+            description="Tokens sampled by the llm model",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        finished = pb_utils.MetricFamily(
+            name="llmesh_llm_requests_total",
+            description="Requests finished by the llm model, by finish reason",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        batches = pb_utils.MetricFamily(
+            name="llmesh_llm_batches_total",
+            description="execute() calls that decoded at least one request (requests_total / batches_total = mean batch size)",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        self.m_tokens = tokens.Metric(labels={"model": "llm"})
+        self.m_batches = batches.Metric(labels={"model": "llm"})
+        self.m_finished = {
+            reason: finished.Metric(labels={"model": "llm", "finish_reason": reason})
+            for reason in ("stop", "length", "cancelled")
+        }
+        self._metric_families = (tokens, finished, batches)  # keep the families alive
 
         self.logger = pb_utils.Logger
         self.logger.log_info(
@@ -464,11 +494,16 @@ class TritonPythonModel:
                     steps = self._generate(live)
                     dt = time.perf_counter() - t0
                     ntok = sum(len(r.generated) for r in live)
+                    self.m_tokens.increment(ntok)
+                    self.m_batches.increment(1)
+                    for r in live:
+                        if r.finish in self.m_finished:
+                            self.m_finished[r.finish].increment(1)
                     self.logger.log_info(
                         f"llm: execute batch={len(requests)} decoded={len(live)} steps={steps} "
                         f"tokens={ntok} time={dt * 1000:.1f}ms "
                         f"finish={[r.finish for r in live]} "
-                        f"adapters={sorted({r.adapter for r in live if r.adapter})}"
+                        f"adapters={sorted({r.adapter or '<base>' for r in live})}"
                     )
             except Exception as exc:  # never crash the stub; fail the unfinished rows
                 self.logger.log_error(f"llm: generation failed: {exc!r}")
@@ -497,18 +532,21 @@ class TritonPythonModel:
         use_peft = self.peft is not None
         with torch.inference_mode():
             while active:
-                kwargs: dict[str, Any] = {}
+                kwargs: dict[str, Any] = {self.cache_kw: past}
+                if self.keep_kw:
+                    kwargs[self.keep_kw] = 1
                 if use_peft:
                     kwargs["adapter_names"] = [rows[i].adapter or BASE for i in active]
                 out = self.model(
                     input_ids=step_ids,
                     attention_mask=step_mask,
                     position_ids=step_pos,
-                    past_key_values=past,
                     use_cache=True,
                     **kwargs,
                 )
-                past = out.past_key_values
+                past = getattr(out, "cache", None)
+                if past is None:
+                    past = out.past_key_values
                 logits = out.logits[:, -1, :]
                 steps += 1
                 next_tokens: list[int] = []

@@ -57,26 +57,25 @@ def _tensor(name: str, value: object, dtype: str) -> InferInput:
 
 
 def build_inputs(inp: GenerationInput, stream: bool) -> list[InferInput]:
+    """Always the full set of inputs, with neutral values for unset ones: Triton's
+    dynamic batcher only batches requests that carry the same input names."""
     s = inp.sampling
-    tensors = [
+    if inp.prompt is not None:
+        text = _tensor("prompt", inp.prompt, "BYTES")
+    else:
+        text = _tensor("messages_json", json.dumps(list(inp.messages or []), ensure_ascii=False), "BYTES")
+    return [
+        text,
         _tensor("max_tokens", s.max_tokens, "INT32"),
         _tensor("temperature", s.temperature, "FP32"),
         _tensor("top_p", s.top_p, "FP32"),
         _tensor("top_k", s.top_k, "INT32"),
         _tensor("repetition_penalty", s.repetition_penalty, "FP32"),
+        _tensor("seed", -1 if s.seed is None else s.seed, "INT64"),  # negative: random
+        _tensor("stop_json", json.dumps(list(s.stop), ensure_ascii=False), "BYTES"),
+        _tensor("adapter", inp.adapter, "BYTES"),
         _tensor("stream", stream, "BOOL"),
     ]
-    if inp.prompt is not None:
-        tensors.append(_tensor("prompt", inp.prompt, "BYTES"))
-    else:
-        tensors.append(_tensor("messages_json", json.dumps(list(inp.messages or []), ensure_ascii=False), "BYTES"))
-    if s.stop:
-        tensors.append(_tensor("stop_json", json.dumps(list(s.stop), ensure_ascii=False), "BYTES"))
-    if s.seed is not None:
-        tensors.append(_tensor("seed", s.seed, "INT64"))
-    if inp.adapter:
-        tensors.append(_tensor("adapter", inp.adapter, "BYTES"))
-    return tensors
 
 
 def map_error(exc: BaseException, field_prefix: str = "") -> LlmeshError:
