@@ -108,10 +108,7 @@ def test_converse_bidi_keeps_one_conversation(stub) -> None:  # type: ignore[no-
 
 
 def _generated_tokens(mesh: Mesh) -> float:
-    url = f"http://127.0.0.1:{mesh.cfg.triton.metrics_port}/metrics"
-    body = urllib.request.urlopen(url, timeout=5).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
-               if line.startswith("llmesh_llm_generated_tokens_total"))
+    return _metric(mesh, "llmesh_llm_generated_tokens_total")
 
 
 def test_cancelling_a_stream_stops_generation(stub, mesh: Mesh) -> None:  # type: ignore[no-untyped-def]
@@ -148,7 +145,8 @@ BAD_GENERATE = [
     (pb.GenerateRequest(), INVALID, "prompt"),
     (pb.GenerateRequest(prompt="   "), INVALID, "prompt"),
     (pb.GenerateRequest(prompt="x" * 6001), INVALID, "prompt"),
-    (pb.GenerateRequest(prompt="a " * 2900, sampling=sampling(max_tokens=1000)), INVALID, "prompt"),  # too many tokens for the model
+    (pb.GenerateRequest(prompt="a " * 2900, sampling=sampling(max_tokens=10)), INVALID, "prompt"),  # more tokens than the model's context
+    (pb.GenerateRequest(prompt="a " * 400, sampling=sampling(max_tokens=1000)), INVALID, "sampling.max_tokens"),  # prompt + max_tokens > context
     (pb.GenerateRequest(prompt="hi", sampling=sampling(temperature=3.0)), INVALID, "sampling.temperature"),
     (pb.GenerateRequest(prompt="hi", sampling=sampling(top_p=0.0)), INVALID, "sampling.top_p"),
     (pb.GenerateRequest(prompt="hi", sampling=sampling(top_k=5000)), INVALID, "sampling.top_k"),
@@ -202,7 +200,29 @@ def test_bad_input_for_the_other_rpcs(stub) -> None:  # type: ignore[no-untyped-
     assert any(m.name == "llm" and m.ready for m in models)
 
 
-def test_a_client_deadline_is_honoured(stub) -> None:  # type: ignore[no-untyped-def]
+def _metric(mesh: Mesh, prefix: str) -> float:
+    url = f"http://127.0.0.1:{mesh.cfg.triton.metrics_port}/metrics"
+    body = urllib.request.urlopen(url, timeout=5).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines() if line.startswith(prefix))
+
+
+def test_the_client_deadline_reaches_triton(stub, mesh: Mesh) -> None:  # type: ignore[no-untyped-def]
+    # A seed whose generation runs to max_tokens, and how long that takes unhurried.
+    for seed in range(50):
+        req = pb.GenerateRequest(prompt="a long answer", sampling=sampling(max_tokens=1000, seed=seed))
+        t0 = time.perf_counter()
+        if stub.Generate(req, timeout=60).finish_reason == types_pb2.FINISH_REASON_LENGTH:
+            full = time.perf_counter() - t0
+            break
+    else:
+        pytest.fail("no seed ran to max_tokens")
+    cancelled = 'llmesh_llm_requests_total{finish_reason="cancelled"'
+    before = _metric(mesh, cancelled)
     with pytest.raises(grpc.RpcError) as e:
-        list(stub.GenerateStream(pb.GenerateRequest(prompt="long", sampling=sampling(max_tokens=1000)), timeout=0.3))
+        list(stub.GenerateStream(req, timeout=full / 4))
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    for _ in range(50):  # Triton saw the deadline and stopped that request
+        if _metric(mesh, cancelled) > before:
+            break
+        time.sleep(0.1)
+    assert _metric(mesh, cancelled) > before

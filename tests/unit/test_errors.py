@@ -38,6 +38,6 @@ def test_unexpected_exception_is_internal_without_leaking() -> None:
 def test_triton_tagged_errors_map_to_domain_errors() -> None:
     e = map_error(InferenceServerException("NOT_FOUND: adapter 'faq' not found"))
     assert isinstance(e, errors.NotFound) and e.name == "faq"
-    e = map_error(InferenceServerException("INVALID_ARGUMENT: prompt: 2000 tokens + max_tokens exceeds 1024"))
-    assert isinstance(e, errors.InvalidArgument) and e.field == "prompt"
+    e = map_error(InferenceServerException("INVALID_ARGUMENT: max_tokens: prompt tokens (7) + max_tokens (2000) exceeds the context of 1024"))
+    assert isinstance(e, errors.InvalidArgument) and e.field == "sampling.max_tokens"
     assert isinstance(map_error(InferenceServerException("Request for unknown model: 'llm' is not found")), errors.Unavailable)

@@ -47,6 +47,19 @@ class Service:
     options: list[tuple[str, object]] = field(default_factory=list)
 
 
+class _TraceInterceptor(grpc.aio.ServerInterceptor):
+    """OpenTelemetry's aio interceptor, minus the health service: its Watch writes
+    with ``context.write`` (not a generator), which that interceptor cannot wrap."""
+
+    def __init__(self) -> None:
+        self._inner = aio_server_interceptor()
+
+    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        if handler_call_details.method.startswith("/grpc.health."):
+            return await continuation(handler_call_details)
+        return await self._inner.intercept_service(continuation, handler_call_details)
+
+
 def server_options(s: ServerSettings) -> list[tuple[str, object]]:
     return [
         ("grpc.max_send_message_length", s.max_message_bytes),
@@ -80,7 +93,7 @@ async def run(svc: Service) -> None:
     setup_tracing(svc.name)
     start_metrics(s.host, s.metrics_port)
     server = grpc.aio.server(
-        interceptors=[aio_server_interceptor(), ErrorMappingInterceptor()],
+        interceptors=[_TraceInterceptor(), ErrorMappingInterceptor()],
         options=server_options(s) + svc.options,
     )
     descriptors = svc.register(server)

@@ -72,6 +72,7 @@ class Row:
         self.request = request
         self.sender = request.get_response_sender()
         self.prompt_ids: list[int] = []
+        self.source = "prompt"  # the input the prompt came from, named in errors
         self.max_tokens = 64
         self.temperature = 1.0
         self.top_p = 1.0
@@ -237,6 +238,7 @@ class TritonPythonModel:
                 raise _invalid("messages_json", f"chat template failed ({exc})") from None
         else:
             text = prompt or ""
+        row.source = "prompt" if prompt is not None else "messages_json"
         row.prompt_ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         if not row.prompt_ids:
             raise _invalid("prompt", "empty prompt")
@@ -245,6 +247,8 @@ class TritonPythonModel:
         row.max_tokens = 64 if v is None else int(v)
         if row.max_tokens < 1:
             raise _invalid("max_tokens", "must be >= 1")
+        if len(row.prompt_ids) >= self.max_positions:
+            raise _invalid(row.source, f"{len(row.prompt_ids)} tokens, the model's context is {self.max_positions}")
         if len(row.prompt_ids) + row.max_tokens > self.max_positions:
             raise _invalid(
                 "max_tokens",

@@ -78,7 +78,13 @@ def build_inputs(inp: GenerationInput, stream: bool) -> list[InferInput]:
     ]
 
 
-def map_error(exc: BaseException, field_prefix: str = "") -> LlmeshError:
+# The model's input names → the API's field names.
+API_FIELDS = {"messages_json": "message", "stop_json": "sampling.stop", "max_tokens": "sampling.max_tokens",
+              "temperature": "sampling.temperature", "top_p": "sampling.top_p", "top_k": "sampling.top_k",
+              "seed": "sampling.seed", "repetition_penalty": "sampling.repetition_penalty"}
+
+
+def map_error(exc: BaseException) -> LlmeshError:
     """Triton/gRPC failure → domain error (never INTERNAL for a peer being down)."""
     if isinstance(exc, grpc.aio.AioRpcError):
         code = exc.code()
@@ -96,7 +102,8 @@ def map_error(exc: BaseException, field_prefix: str = "") -> LlmeshError:
             return NotFound("adapter", name.group(1) if name else detail)
         if kind == "INVALID_ARGUMENT":
             field, _, why = detail.partition(":")
-            return InvalidArgument(field_prefix + field.strip(), why.strip() or detail)
+            field = field.strip()
+            return InvalidArgument(API_FIELDS.get(field, field), why.strip() or detail)
         return Unavailable(detail)
     if "unknown model" in msg or "not ready" in msg or "not found" in msg:
         return Unavailable(f"model not available: {msg}", retry_after_s=2.0)
