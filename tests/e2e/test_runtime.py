@@ -13,6 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from google.protobuf.descriptor_pool import DescriptorPool
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from llmesh.client import sampling
 from llmesh.inference.v1 import inference_pb2 as pb
@@ -56,24 +57,32 @@ def test_metrics_endpoint_counts_rpcs(mesh: Mesh, stub) -> None:  # type: ignore
     assert 'grpc_server_handled_total{grpc_code="OK",grpc_method="/llmesh.inference.v1.Inference/ListTemplates"}' in body
 
 
-def test_graceful_shutdown_finishes_in_flight_calls(mesh: Mesh) -> None:
+def start_service(mesh: Mesh, **env_extra: str) -> tuple[subprocess.Popen, grpc.Channel]:
+    """A second inference service process on its own port, sharing the mesh's peers."""
     port, = free_ports(1)
     env = {**os.environ, "LLMESH_CONFIG": str(mesh.config_path), "LLMESH__INFERENCE__SERVER__PORT": str(port),
-           "LLMESH__INFERENCE__SERVER__METRICS_PORT": "0"}
+           "LLMESH__INFERENCE__SERVER__METRICS_PORT": "0", **env_extra}
     proc = subprocess.Popen([sys.executable, "-m", "llmesh.services.inference"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    health = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+                return proc, channel
+        except grpc.RpcError:
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            pytest.fail("service never became SERVING")
+        time.sleep(0.2)
+
+
+def test_graceful_shutdown_finishes_in_flight_calls(mesh: Mesh) -> None:
+    proc, channel = start_service(mesh)
     try:
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         health = health_pb2_grpc.HealthStub(channel)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
-                    break
-            except grpc.RpcError:
-                pass
-            assert time.monotonic() < deadline, "service never became SERVING"
-            time.sleep(0.2)
         stub = inference_pb2_grpc.InferenceStub(channel)
         stream = stub.GenerateStream(pb.GenerateRequest(prompt="a long answer", sampling=sampling(max_tokens=1000, seed=5)), timeout=60)
         first = next(stream)
@@ -85,8 +94,45 @@ def test_graceful_shutdown_finishes_in_flight_calls(mesh: Mesh) -> None:
             health.Check(health_pb2.HealthCheckRequest(), timeout=2)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
         assert proc.wait(timeout=30) == 0
-        channel.close()
     finally:
+        channel.close()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+class _Collector(trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self) -> None:
+        self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
+
+    def Export(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
+        self.requests.append(request)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+def test_traces_are_exported_over_otlp_when_an_endpoint_is_set(mesh: Mesh) -> None:
+    from concurrent import futures
+
+    collector = _Collector()
+    receiver = grpc.server(futures.ThreadPoolExecutor(2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, receiver)
+    port = receiver.add_insecure_port("127.0.0.1:0")
+    receiver.start()
+    proc, channel = start_service(mesh, OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{port}",
+                                  OTEL_EXPORTER_OTLP_INSECURE="true", OTEL_BSP_SCHEDULE_DELAY="200")
+    try:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        stub.Generate(pb.GenerateRequest(prompt="traced", sampling=sampling(max_tokens=2)), timeout=30)
+        proc.send_signal(signal.SIGTERM)  # shutdown flushes the exporter
+        assert proc.wait(timeout=30) == 0
+    finally:
+        channel.close()
+        if proc.poll() is None:
+            proc.kill()
+        receiver.stop(None)
+    spans = [(rs.resource, span) for req in collector.requests for rs in req.resource_spans
+             for ss in rs.scope_spans for span in ss.spans]
+    names = {span.name for _, span in spans}
+    assert "/llmesh.inference.v1.Inference/Generate" in names
+    services = {a.value.string_value for res, _ in spans for a in res.attributes if a.key == "service.name"}
+    assert services == {"llmesh-inference"}

@@ -90,7 +90,7 @@ async def _warm(svc: Service, health_servicer: health.aio.HealthServicer, names:
 async def run(svc: Service) -> None:
     """Start the server, serve until SIGTERM/SIGINT, then shut down gracefully."""
     s = svc.settings
-    setup_tracing(svc.name)
+    tracer_provider = setup_tracing(svc.name)
     start_metrics(s.host, s.metrics_port)
     server = grpc.aio.server(
         interceptors=[_TraceInterceptor(), ErrorMappingInterceptor()],
@@ -124,6 +124,7 @@ async def run(svc: Service) -> None:
     await server.stop(s.grace_seconds)
     if svc.close is not None:
         await svc.close()
+    tracer_provider.shutdown()  # flushes spans still queued for export
     log.info("stopped")
 
 
