@@ -4,6 +4,7 @@ through the inference service, at several concurrencies, in one run.
 Reports ratios against the in-run baseline (direct Triton), not absolute claims:
   overhead  = service TTFT p50 / direct TTFT p50, and direct tok/s / service tok/s
   batching  = tok/s at the highest concurrency / tok/s at concurrency 1 (per path)
+  batch     = mean requests per Triton execute() during the level (Triton /metrics)
 
 By default it starts its own throwaway mesh on free loopback ports (demo models),
 so it never disturbs a running one; --config points it at an existing mesh.
@@ -18,6 +19,7 @@ import json
 import statistics
 import tempfile
 import time
+import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Awaitable, Callable
@@ -53,6 +55,7 @@ class Row:
     ttft_p95_ms: float
     tokens_per_s: float
     wall_s: float
+    mean_batch: float  # requests per Triton execute() during this level (from Triton's /metrics)
 
 
 # One streamed generation: returns (ttft, total, completion tokens).
@@ -96,8 +99,17 @@ def service_call(stub: pb_grpc.InferenceStub, max_tokens: int) -> Call:
     return call
 
 
-async def run_level(path: str, call: Call, concurrency: int, rounds: int) -> Row:
-    n = concurrency * rounds
+def triton_counters(metrics_url: str) -> tuple[float, float]:
+    """(requests finished, execute() calls) from the llm model's custom metrics."""
+    body = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+
+    def total(prefix: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines() if line.startswith(prefix))
+
+    return total("llmesh_llm_requests_total"), total("llmesh_llm_batches_total")
+
+
+async def run_level(path: str, call: Call, concurrency: int, n: int, metrics_url: str) -> Row:
     queue = list(range(n))
     samples: list[Sample] = []
 
@@ -105,24 +117,27 @@ async def run_level(path: str, call: Call, concurrency: int, rounds: int) -> Row
         while queue:
             samples.append(await call(queue.pop()))
 
+    r0, b0 = triton_counters(metrics_url)
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - t0
+    r1, b1 = triton_counters(metrics_url)
     ttfts = sorted(s.ttft_s * 1000 for s in samples)
     return Row(path, concurrency, n, statistics.median(ttfts), ttfts[max(0, int(0.95 * len(ttfts)) - 1)],
-               sum(s.tokens for s in samples) / wall, wall)
+               sum(s.tokens for s in samples) / wall, wall, (r1 - r0) / max(1.0, b1 - b0))
 
 
-async def bench(cfg: MeshConfig, levels: list[int], rounds: int, max_tokens: int) -> list[Row]:
+async def bench(cfg: MeshConfig, levels: list[int], requests: int, max_tokens: int) -> list[Row]:
     client = triton.InferenceServerClient(cfg.inference.peers.triton)
     channel = grpc.aio.insecure_channel(f"{cfg.inference.server.host}:{cfg.inference.server.port}")
     stub = pb_grpc.InferenceStub(channel)
     calls = {"direct": direct_call(client, cfg.inference.model, max_tokens), "service": service_call(stub, max_tokens)}
+    metrics_url = f"http://127.0.0.1:{cfg.triton.metrics_port}/metrics"
     rows = []
     for c in levels:
         for name, call in calls.items():  # interleaved so drift on a shared machine hits both paths alike
-            await run_level(name, call, c, 1)  # warm-up at this level
-            rows.append(await run_level(name, call, c, rounds))
+            await run_level(name, call, c, c, metrics_url)  # warm-up at this level
+            rows.append(await run_level(name, call, c, max(requests, 2 * c), metrics_url))
     await channel.close()
     await client.close()
     return rows
@@ -130,9 +145,10 @@ async def bench(cfg: MeshConfig, levels: list[int], rounds: int, max_tokens: int
 
 def report(rows: list[Row], levels: list[int]) -> dict[str, float]:
     by = {(r.path, r.concurrency): r for r in rows}
-    print(f"{'path':<8} {'conc':>4} {'reqs':>5} {'ttft p50 ms':>12} {'ttft p95 ms':>12} {'tok/s':>9}")
+    print(f"{'path':<8} {'conc':>4} {'reqs':>5} {'ttft p50 ms':>12} {'ttft p95 ms':>12} {'tok/s':>9} {'batch':>6}")
     for r in rows:
-        print(f"{r.path:<8} {r.concurrency:>4} {r.requests:>5} {r.ttft_p50_ms:>12.1f} {r.ttft_p95_ms:>12.1f} {r.tokens_per_s:>9.1f}")
+        print(f"{r.path:<8} {r.concurrency:>4} {r.requests:>5} {r.ttft_p50_ms:>12.1f} {r.ttft_p95_ms:>12.1f} "
+              f"{r.tokens_per_s:>9.1f} {r.mean_batch:>6.1f}")
     ratios: dict[str, float] = {}
     print()
     for c in levels:
@@ -173,18 +189,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", type=Path, help="use the running mesh of this config instead of a throwaway one")
     ap.add_argument("--levels", default="1,4,16", help="concurrency levels (default 1,4,16)")
-    ap.add_argument("--rounds", type=int, default=3, help="requests per worker per level (default 3)")
+    ap.add_argument("--requests", type=int, default=48, help="requests per path and level (default 48)")
     ap.add_argument("--max-tokens", type=int, default=32, help="tokens per request (default 32)")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     OUT.mkdir(exist_ok=True)
     if args.config:
-        rows = asyncio.run(bench(load_config(args.config), levels, args.rounds, args.max_tokens))
+        rows = asyncio.run(bench(load_config(args.config), levels, args.requests, args.max_tokens))
     else:
         from llmesh.sandbox import ephemeral_mesh
 
         with tempfile.TemporaryDirectory(prefix="llmesh-bench-") as tmp, ephemeral_mesh(Path(tmp)) as (cfg, _):
-            rows = asyncio.run(bench(cfg, levels, args.rounds, args.max_tokens))
+            rows = asyncio.run(bench(cfg, levels, args.requests, args.max_tokens))
     ratios = report(rows, levels)
     plot(rows, levels, OUT / "inference.png")
     (OUT / "inference.json").write_text(json.dumps({"rows": [asdict(r) for r in rows], "ratios": ratios}, indent=2))
