@@ -136,3 +136,10 @@ def test_traces_are_exported_over_otlp_when_an_endpoint_is_set(mesh: Mesh) -> No
     assert "/llmesh.inference.v1.Inference/Generate" in names
     services = {a.value.string_value for res, _ in spans for a in res.attributes if a.key == "service.name"}
     assert services == {"llmesh-inference"}
+
+
+def test_message_size_limit_is_enforced(mesh: Mesh, stub) -> None:  # type: ignore[no-untyped-def]
+    too_big = "x" * (mesh.cfg.inference.server.max_message_bytes + 1024)
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Generate(pb.GenerateRequest(prompt=too_big), timeout=30)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

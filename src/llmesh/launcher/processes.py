@@ -131,9 +131,8 @@ def redis_spec(cfg: MeshConfig) -> ProcessSpec:
 
 
 def model_repository(cfg: MeshConfig) -> Path:
-    # A later config key (triton.model_repository) wins over the repo's own folder.
-    override = getattr(cfg.triton, "model_repository", "") or ""
-    return Path(override) if override else REPO_ROOT / "triton_models"
+    # triton.model_repository wins over the repository's own folder.
+    return Path(cfg.triton.model_repository) if cfg.triton.model_repository else REPO_ROOT / "triton_models"
 
 
 def triton_spec(cfg: MeshConfig) -> ProcessSpec:

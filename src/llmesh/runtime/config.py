@@ -53,7 +53,8 @@ class TritonSettings(_Model):
     metrics_port: int = 8102
     models: list[str] = ["llm"]
     llm_path: str = ""
-    log_verbose: int = 0
+    # Triton model repository; empty: the project's triton_models/.
+    model_repository: str = ""
 
 
 class InferencePeers(_Model):
