@@ -106,15 +106,27 @@ def is_complete(path: pathlib.Path, kind: str) -> bool:
     return all((path / name).is_file() for name in meta.get("files", []))
 
 
-def _finish(tmp: pathlib.Path, dest: pathlib.Path, kind: str) -> None:
-    files = sorted(p.name for p in tmp.iterdir() if p.is_file())
-    (tmp / _MARKER).write_text(
-        json.dumps({"kind": kind, "version": BUILD_VERSION, "files": files}, indent=1) + "\n",
-        encoding="utf-8",
-    )
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
+def _save_atomically(dest: pathlib.Path, kind: str, *parts: Any) -> pathlib.Path:
+    """Save model/tokenizer/processor into a temp sibling, write the completeness
+    marker, then swap it in: a crash never leaves a half-written model folder."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    os.chmod(tmp, 0o755)
+    try:
+        for part in parts:
+            part.save_pretrained(tmp)
+        files = sorted(p.name for p in tmp.iterdir() if p.is_file())
+        (tmp / _MARKER).write_text(
+            json.dumps({"kind": kind, "version": BUILD_VERSION, "files": files}, indent=1) + "\n",
+            encoding="utf-8",
+        )
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
 
 
 def _train_bpe(
@@ -274,17 +286,7 @@ def build_llm(dest: pathlib.Path) -> pathlib.Path:
         eos_token_id=eos_id, pad_token_id=pad_id, bos_token_id=None, do_sample=False
     )
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    os.chmod(tmp, 0o755)
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        _finish(tmp, dest, "llm")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dest
+    return _save_atomically(dest, "llm", model, tokenizer)
 
 
 # --------------------------------------------------------------------------- CLIP
@@ -352,17 +354,7 @@ def build_clip(dest: pathlib.Path) -> pathlib.Path:
     torch.manual_seed(CLIP_SEED)
     model = CLIPModel(config).eval()
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    os.chmod(tmp, 0o755)
-    try:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        _finish(tmp, dest, "clip")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dest
+    return _save_atomically(dest, "clip", model, processor)
 
 
 # --------------------------------------------------------------------------- entry
