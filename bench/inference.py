@@ -4,7 +4,7 @@ through the inference service, at several concurrencies, in one run.
 Reports ratios against the in-run baseline (direct Triton), not absolute claims:
   overhead  = service TTFT p50 / direct TTFT p50, and direct tok/s / service tok/s
   batching  = tok/s at the highest concurrency / tok/s at concurrency 1 (per path)
-  batch     = mean requests per Triton execute() during the level (Triton /metrics)
+  batch     = mean rows per decode step during the level (Triton /metrics)
 
 By default it starts its own throwaway mesh on free loopback ports (demo models),
 so it never disturbs a running one; --config points it at an existing mesh.
@@ -55,7 +55,7 @@ class Row:
     ttft_p95_ms: float
     tokens_per_s: float
     wall_s: float
-    mean_batch: float  # requests per Triton execute() during this level (from Triton's /metrics)
+    mean_batch: float  # rows per decode step during this level (from Triton's /metrics)
 
 
 # One streamed generation: returns (ttft, total, completion tokens).
@@ -100,13 +100,14 @@ def service_call(stub: pb_grpc.InferenceStub, max_tokens: int) -> Call:
 
 
 def triton_counters(metrics_url: str) -> tuple[float, float]:
-    """(requests finished, execute() calls) from the llm model's custom metrics."""
+    """(active rows summed over decode steps, decode steps) from the llm model's custom
+    metrics: their deltas' ratio is the mean number of rows decoded together per step."""
     body = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
 
     def total(prefix: str) -> float:
         return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines() if line.startswith(prefix))
 
-    return total("llmesh_llm_requests_total"), total("llmesh_llm_batches_total")
+    return total("llmesh_llm_active_rows_total"), total("llmesh_llm_decode_steps_total")
 
 
 async def run_level(path: str, call: Call, concurrency: int, n: int, metrics_url: str) -> Row:

@@ -152,11 +152,16 @@ def test_tritonserver_locate_prepare_and_command(tmp_path: pathlib.Path) -> None
 
 class _FakeSender:
     def __init__(self, cancel_after: int | None = None) -> None:
+        import threading
+
         self.sent: list[tuple[object, int]] = []
         self.cancel_after = cancel_after
+        self.done = threading.Event()  # set on the FINAL response (sent by the decode thread)
 
     def send(self, response: object = None, flags: int = 0) -> None:
         self.sent.append((response, flags))
+        if flags & 1:
+            self.done.set()
 
 
 class _FakeRequest:
@@ -172,6 +177,14 @@ class _FakeRequest:
     def is_cancelled(self) -> bool:
         self.polls += 1
         return self.cancel_after is not None and self.polls > self.cancel_after
+
+
+class _FakeMetric:
+    def __init__(self) -> None:
+        self.increments: list[float] = []  # every increment, in order
+
+    def increment(self, v: float) -> None:
+        self.increments.append(v)
 
 
 def _fake_pb_utils():  # type: ignore[no-untyped-def]
@@ -190,7 +203,7 @@ def _fake_pb_utils():  # type: ignore[no-untyped-def]
             return self.arr
 
     class TritonError:
-        NOT_FOUND, INVALID_ARG, INTERNAL = "NOT_FOUND", "INVALID_ARG", "INTERNAL"
+        NOT_FOUND, INVALID_ARG, INTERNAL, UNAVAILABLE = "NOT_FOUND", "INVALID_ARG", "INTERNAL", "UNAVAILABLE"
 
         def __init__(self, msg: str, code: str = "INTERNAL") -> None:
             self.msg, self.code = msg, code
@@ -213,7 +226,7 @@ def _fake_pb_utils():  # type: ignore[no-untyped-def]
             self.name = name
 
         def Metric(self, labels: dict[str, str]):  # type: ignore[no-untyped-def]  # noqa: N802 (Triton's name)
-            return types.SimpleNamespace(value=0, increment=lambda v: None)
+            return _FakeMetric()
 
     def get_input_tensor_by_name(request: _FakeRequest, name: str):  # type: ignore[no-untyped-def]
         if name not in request.inputs:
@@ -256,8 +269,14 @@ def llm_model(home: pathlib.Path):  # type: ignore[no-untyped-def]
 def _run(model, *inputs: dict[str, object], cancel_after: int | None = None) -> list[dict[str, object]]:  # type: ignore[no-untyped-def]
     reqs = [_FakeRequest(i, cancel_after) for i in inputs]
     model.execute(reqs)
+    return _results(reqs)
+
+
+def _results(reqs: list[_FakeRequest]) -> list[dict[str, object]]:
+    """Wait for every request's FINAL response, then summarise each request's responses."""
     out = []
     for r in reqs:
+        assert r.sender.done.wait(60), "no FINAL response"
         finals = [resp for resp, flags in r.sender.sent if flags & 1]
         assert len(finals) == 1  # exactly one FINAL response per request
         final = finals[0]
@@ -319,3 +338,111 @@ def test_model_errors_and_stop(llm_model) -> None:  # type: ignore[no-untyped-de
 def test_model_cancel(llm_model) -> None:  # type: ignore[no-untyped-def]
     got = _run(llm_model, {"prompt": "hello", "max_tokens": 500, "stream": True}, cancel_after=3)[0]
     assert got["finish"] == "cancelled" and got["completion_tokens"] == 3
+
+
+def _record_batch_sizes(model, monkeypatch) -> list[int]:  # type: ignore[no-untyped-def]
+    """Rows per decode step, recorded from the decode thread."""
+    sizes: list[int] = []
+    step = model._decode_step
+
+    def recording(batch):  # type: ignore[no-untyped-def]
+        sizes.append(len(batch.rows))
+        return step(batch)
+
+    monkeypatch.setattr(model, "_decode_step", recording)
+    return sizes
+
+
+def test_model_request_joins_running_batch(llm_model, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # A long seeded generation, and a short one submitted while the first is mid-way.
+    for seed in range(40):
+        long_req = {"prompt": "tell a long story", "max_tokens": 80, "temperature": 1.0, "seed": seed}
+        long_solo = _run(llm_model, long_req)[0]
+        if long_solo["completion_tokens"] >= 60:
+            break
+    else:
+        pytest.fail("no seed generated 60 tokens")
+    short_req = {"prompt": "如何重置密码？", "max_tokens": 10, "temperature": 0.7, "seed": 5, "stream": True}
+    short_solo = _run(llm_model, short_req)[0]
+
+    sizes = _record_batch_sizes(llm_model, monkeypatch)
+    first = _FakeRequest(long_req)
+    llm_model.execute([first])
+    import time
+
+    deadline = time.monotonic() + 30
+    while first.polls < 5 and time.monotonic() < deadline:  # one poll per generated token
+        time.sleep(0.0005)
+    assert not first.sender.done.is_set(), "the long request finished before the second arrived"
+    second = _FakeRequest(short_req)
+    llm_model.execute([second])
+    long_got, short_got = _results([first, second])
+    assert 2 in sizes, "the second request never decoded together with the first"
+    for got, solo in ((long_got, long_solo), (short_got, short_solo)):
+        assert got["text"] == solo["text"] and got["completion_tokens"] == solo["completion_tokens"]
+
+
+def test_model_queue_overflow(llm_model, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # More requests than active slots: the rest wait in the queue and still match solo runs.
+    sizes = _record_batch_sizes(llm_model, monkeypatch)
+    reqs = [{"prompt": f"question {i}", "max_tokens": 6, "temperature": 0.0} for i in range(20)]
+    together = _run(llm_model, *reqs)
+    assert max(sizes) == 16
+    for req, got in zip(reqs[:3], together[:3]):
+        assert got["text"] == _run(llm_model, req)[0]["text"]
+
+
+def test_model_sheds_load_beyond_the_queue_bound(llm_model, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(llm_model, "max_queue", 2)
+    reqs = [{"prompt": f"q {i}", "max_tokens": 4, "temperature": 0.0} for i in range(6)]
+    results = _run(llm_model, *reqs)  # all six arrive in one execute(): two fit the queue
+    refused = [r for r in results if "error" in r]
+    assert len(refused) == 4 and all(r["error"].startswith("RESOURCE_EXHAUSTED: llm queue is full") for r in refused)
+    assert all("text" in r for r in results[:2])
+
+
+def test_model_finalize_fails_pending_requests(home: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
+    import importlib.util
+    import json
+    import sys
+
+    sys.modules["triton_python_backend_utils"] = _fake_pb_utils()
+    path = pathlib.Path(__file__).resolve().parents[2] / "triton_models" / "llm" / "1" / "model.py"
+    spec = importlib.util.spec_from_file_location("llmesh_triton_llm_model_2", path)
+    mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    params = {"model_path": {"string_value": str(home / "models" / "tiny-qwen2")},
+              "adapter_dir": {"string_value": str(home / "adapters")}}
+    m = mod.TritonPythonModel()
+    m.initialize({"model_config": json.dumps({"parameters": params, "max_batch_size": 1})})
+    reqs = [_FakeRequest({"prompt": "hello", "max_tokens": 1000, "temperature": 1.0}) for _ in range(4)]
+    m.execute(reqs)
+    m.finalize()
+    assert not m.thread.is_alive()
+    for r in reqs:
+        assert r.sender.done.is_set()
+        finals = [resp for resp, flags in r.sender.sent if flags & 1]
+        assert len(finals) == 1
+    errors = [f.error for r in reqs for f, flags in r.sender.sent if flags & 1 and f.error is not None]
+    assert errors and all(e.code == "UNAVAILABLE" and e.msg.startswith("UNAVAILABLE:") for e in errors)
+    late = _FakeRequest({"prompt": "hello"})
+    m.execute([late])  # after finalize: answered at once, not queued forever
+    assert late.sender.done.is_set()
+
+
+def test_model_survives_a_failing_step(llm_model, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    step = llm_model._decode_step
+    calls = {"n": 0}
+
+    def flaky(batch):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("boom")
+        return step(batch)
+
+    monkeypatch.setattr(llm_model, "_decode_step", flaky)
+    failed = _run(llm_model, {"prompt": "hello", "max_tokens": 50, "temperature": 0.0})[0]
+    assert failed["code"] == "INTERNAL" and "boom" in failed["error"]
+    assert llm_model.thread.is_alive()
+    monkeypatch.setattr(llm_model, "_decode_step", step)
+    assert _run(llm_model, {"prompt": "hello", "max_tokens": 5, "temperature": 0.0})[0]["completion_tokens"] == 5

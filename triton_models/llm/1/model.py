@@ -13,10 +13,14 @@ Contract (see config.pbtxt; every tensor has dims [1] plus the batch dim):
   outputs: text STRING, prompt_tokens INT32, completion_tokens INT32,
     finish_reason STRING ("stop" | "length" | "cancelled"; "" on non-final stream chunks)
 
-All requests of one execute() call are decoded together in one loop (left padding,
-attention mask, explicit position ids, KV cache), each row with its own sampling
-parameters and its own torch.Generator, so a seeded request yields the same tokens alone
-or batched, streamed or not.
+Continuous (in-flight) batching: execute() only validates and queues; one decode thread
+owns the model. At every step it admits queued requests up to max_batch_size active rows,
+prefills them together (left padding, attention mask, explicit position ids), merges their
+KV cache into the running batch (left-padded with zeros along time, masked out), decodes
+one token for every active row and drops finished or cancelled rows. Each row keeps its
+own sampling parameters and torch.Generator, so a seeded request yields the same tokens
+alone or batched, whenever it joins, streamed or not. Adapters load in the decode thread
+between steps, so PEFT state is only touched by that thread.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Any
 
 import numpy as np
@@ -66,7 +71,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 class Row:
-    """Per-request decoding state (one instance per request per execute call)."""
+    """Per-request decoding state (one instance per request)."""
 
     def __init__(self, request: Any) -> None:
         self.request = request
@@ -167,16 +172,32 @@ class TritonPythonModel:
         )
         batches = pb_utils.MetricFamily(
             name="llmesh_llm_batches_total",
-            description="execute() calls that decoded at least one request (requests_total / batches_total = mean batch size)",
+            description="Prefill batches: groups of requests admitted into the running batch together",
             kind=pb_utils.MetricFamily.COUNTER,
         )
-        self.m_tokens = tokens.Metric(labels={"model": "llm"})
-        self.m_batches = batches.Metric(labels={"model": "llm"})
+        steps = pb_utils.MetricFamily(
+            name="llmesh_llm_decode_steps_total",
+            description="Decode steps (one token for every active row)",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        active = pb_utils.MetricFamily(
+            name="llmesh_llm_active_rows_total",
+            description="Sum over decode steps of the rows decoded (/ decode_steps_total = mean batch size)",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        labels = {"model": "llm"}
+        self.m_tokens = tokens.Metric(labels=labels)
+        self.m_batches = batches.Metric(labels=labels)
+        self.m_steps = steps.Metric(labels=labels)
+        self.m_rows = active.Metric(labels=labels)
         self.m_finished = {
             reason: finished.Metric(labels={"model": "llm", "finish_reason": reason})
             for reason in ("stop", "length", "cancelled")
         }
-        self._metric_families = (tokens, finished, batches)  # keep the families alive
+        self._metric_families = (tokens, finished, batches, steps, active)  # keep the families alive
+        # per-step counts, flushed in bulk: each Metric.increment is an IPC to the server
+        self.pending = {"tokens": 0, "steps": 0, "rows": 0}
+        self.flushed_at = time.monotonic()
 
         self.logger = pb_utils.Logger
         self.logger.log_info(
@@ -184,6 +205,7 @@ class TritonPythonModel:
             f"(vocab={cfg.vocab_size}, max_positions={self.max_positions}, threads={threads}, "
             f"adapter_dir={self.adapter_dir}, adapter_cache_size={self.cache_size})"
         )
+        self._start_engine(config, threads)
 
     # ------------------------------------------------------------------ inputs
 
@@ -375,6 +397,8 @@ class TritonPythonModel:
         if row.finalized:
             return
         row.finalized = True
+        if row.finish in self.m_finished:
+            self.m_finished[row.finish].increment(1)
         try:
             if row.finish == "cancelled":
                 try:
@@ -467,6 +491,11 @@ class TritonPythonModel:
     # ------------------------------------------------------------------ execute
 
     def execute(self, requests: list[Any]) -> None:
+        """Validate the requests and queue them for the decode thread; returns at once.
+
+        Decoupled mode lets execute() return before responding: every answer goes through
+        the request's response_sender, and the Row keeps the request alive until its FINAL.
+        """
         rows: list[Row] = []
         for request in requests:
             try:
@@ -483,123 +512,259 @@ class TritonPythonModel:
                 self._send_error(row, RequestError(f"INVALID_ARGUMENT: request: {exc}", _code("INVALID_ARG")))
                 continue
             rows.append(row)
-
-        live = [r for r in rows if not r.finalized]
-        if live:
-            try:
-                names = {r.adapter for r in live if r.adapter}
-                errors = self._ensure_adapters(names) if names else {}
-                for r in live:
-                    if r.adapter in errors:
-                        self._send_error(r, errors[r.adapter])
-                live = [r for r in live if not r.finalized]
-                if live:
-                    t0 = time.perf_counter()
-                    steps = self._generate(live)
-                    dt = time.perf_counter() - t0
-                    ntok = sum(len(r.generated) for r in live)
-                    self.m_tokens.increment(ntok)
-                    self.m_batches.increment(1)
-                    for r in live:
-                        if r.finish in self.m_finished:
-                            self.m_finished[r.finish].increment(1)
-                    self.logger.log_info(
-                        f"llm: execute batch={len(requests)} decoded={len(live)} steps={steps} "
-                        f"tokens={ntok} time={dt * 1000:.1f}ms "
-                        f"finish={[r.finish for r in live]} "
-                        f"adapters={sorted({r.adapter or '<base>' for r in live})}"
-                    )
-            except Exception as exc:  # never crash the stub; fail the unfinished rows
-                self.logger.log_error(f"llm: generation failed: {exc!r}")
-                for r in live:
-                    self._send_error(r, RequestError(f"INTERNAL: {exc}", _code("INTERNAL")))
+        if rows:
+            with self.wakeup:
+                if self.stopping:  # finalize() already ran: nobody would decode them
+                    self._fail(rows, _unavailable())
+                    rows = []
+                room = self.max_queue - len(self.queue)
+                if len(rows) > room:  # bounded backlog: shed load instead of queueing forever
+                    self._fail(rows[max(0, room):], RequestError(
+                        f"RESOURCE_EXHAUSTED: llm queue is full ({self.max_queue} waiting)", _code("UNAVAILABLE")))
+                    rows = rows[:max(0, room)]
+                if rows:
+                    self.queue.extend(rows)
+                    self.wakeup.notify()
         return None
 
-    def _generate(self, rows: list[Row]) -> int:
+    # ------------------------------------------------------------------ decode thread
+
+    def _start_engine(self, config: dict[str, Any], threads: int) -> None:
+        self.max_rows = max(1, int(config.get("max_batch_size") or 16))
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        self.max_queue = max(1, int(params.get("max_queue", "256") or 256))
+        self.queue: deque[Row] = deque()  # validated rows waiting for a free batch slot
+        self.wakeup = threading.Condition()
+        self.stopping = False
+        self.batch: Batch | None = None  # the running batch; touched only by the decode thread
+        self.thread = threading.Thread(target=self._loop, args=(threads,), name="llm-decode", daemon=True)
+        self.thread.start()
+
+    def _loop(self, threads: int) -> None:
+        """One step per iteration: admit queued rows, then decode one token for all rows."""
+        torch = self.torch
+        torch.set_num_threads(max(1, threads))  # per-thread setting with OpenMP
+        with torch.inference_mode():  # thread-local, so entered here
+            while True:
+                new = self._take()
+                if new is None:
+                    break
+                self._guard(self._reap_queued, [])
+                if new:
+                    self._guard(lambda: self._admit(new), new)  # a failed prefill fails only its rows
+                if self.batch is not None:
+                    self._guard(self._step, None)
+        # stopping: nothing may hang
+        self._fail(self.batch.rows if self.batch else [], _unavailable())
+        self.batch = None
+        self._fail(self._drain(), _unavailable())
+
+    def _guard(self, fn: Any, rows: list[Row] | None) -> None:
+        """Run fn; on an exception fail `rows` (None: the whole running batch) and go on."""
+        try:
+            fn()
+        except Exception as exc:  # the decode thread must never die
+            self.logger.log_error(f"llm: generation failed: {exc!r}")
+            err = RequestError(f"INTERNAL: {exc}", _code("INTERNAL"))
+            if rows is None:
+                self._fail(self.batch.rows if self.batch else [], err)
+                self.batch = None
+            else:
+                self._fail(rows, err)
+
+    def _step(self) -> None:
+        assert self.batch is not None
+        self._decode_step(self.batch)
+        self._prune()
+
+    def _take(self) -> list[Row] | None:
+        """Rows to admit now (up to the free slots); blocks while idle; None when stopping."""
+        with self.wakeup:
+            while not self.stopping and not self.queue and self.batch is None:
+                self.wakeup.wait()
+            if self.stopping:
+                return None
+            room = self.max_rows - (len(self.batch.rows) if self.batch else 0)
+            if self.batch is not None and not self._mergeable(self.batch.cache):
+                room = 0  # this cache cannot take new rows: they wait for the batch to drain
+            return [self.queue.popleft() for _ in range(min(room, len(self.queue)))]
+
+    def _drain(self) -> list[Row]:
+        with self.wakeup:
+            rows = list(self.queue)
+            self.queue.clear()
+        return rows
+
+    def _reap_queued(self) -> None:
+        """Finish queued rows whose client gave up (deadline, disconnect) without decoding them."""
+        with self.wakeup:
+            waiting = list(self.queue)
+        for row in waiting:
+            if not self._is_cancelled(row):
+                continue
+            with self.wakeup:
+                if row not in self.queue:  # admitted or drained meanwhile
+                    continue
+                self.queue.remove(row)
+            row.finish = "cancelled"
+            self._finalize(row)
+
+    def _fail(self, rows: list[Row], err: RequestError) -> None:
+        for r in rows:
+            self._send_error(r, err)
+
+    # ------------------------------------------------------------------ steps
+
+    def _admit(self, rows: list[Row]) -> None:
+        """Load adapters, prefill the new rows (first token) and merge them into the batch."""
+        running = self.batch.rows if self.batch else []
+        names = {r.adapter for r in rows + running if r.adapter}  # running ones stay resident
+        errors = self._ensure_adapters(names) if names else {}
+        for r in rows:
+            if r.adapter in errors:
+                self._send_error(r, errors[r.adapter])
+        rows = [r for r in rows if not r.finalized]
+        if not rows:
+            return
+        new = self._prefill(rows)
+        self.m_batches.increment(1)
+        self.logger.log_info(
+            f"llm: admitted {len(rows)} (running {len(running)}, queued {len(self.queue)}) "
+            f"adapters={sorted({r.adapter or '<base>' for r in rows})}"
+        )
+        new = self._prune_batch(new)
+        if new is None:
+            return
+        self.batch = new if self.batch is None else self._merge(self.batch, new)
+
+    def _forward(self, rows: list[Row], ids: Any, mask: Any, pos: Any, cache: Any) -> tuple[Any, Any]:
+        """One model call; returns (last-position logits, cache)."""
+        kwargs: dict[str, Any] = {self.cache_kw: cache}
+        if self.keep_kw:
+            kwargs[self.keep_kw] = 1
+        if self.peft is not None:  # LoRA layers are injected: name every row's adapter
+            kwargs["adapter_names"] = [r.adapter or BASE for r in rows]
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kwargs)
+        cache = getattr(out, "cache", None)
+        if cache is None:
+            cache = out.past_key_values
+        return out.logits[:, -1, :], cache
+
+    def _prefill(self, rows: list[Row]) -> Batch:
+        """Left-padded prompts of the new rows in one forward; samples their first token."""
         torch = self.torch
         n = len(rows)
         lengths = [len(r.prompt_ids) for r in rows]
         width = max(lengths)
-        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((n, width), dtype=torch.long)
         for i, r in enumerate(rows):
-            input_ids[i, width - lengths[i]:] = torch.tensor(r.prompt_ids, dtype=torch.long)
+            ids[i, width - lengths[i]:] = torch.tensor(r.prompt_ids, dtype=torch.long)
             mask[i, width - lengths[i]:] = 1
             if r.repetition_penalty != 1.0:
                 r.seen = torch.tensor(sorted(set(r.prompt_ids)), dtype=torch.long)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits, cache = self._forward(rows, ids, mask, pos, None)
+        batch = Batch(rows, cache, mask, pos[:, -1:] + 1)
+        batch.next_ids = self._sample_all(rows, logits)
+        return batch
 
-        active = list(range(n))  # indices (into rows) of the rows still in the batch
-        past = None
-        step_ids, step_mask, step_pos = input_ids, mask, positions
-        steps = 0
-        use_peft = self.peft is not None
-        with torch.inference_mode():
-            while active:
-                kwargs: dict[str, Any] = {self.cache_kw: past}
-                if self.keep_kw:
-                    kwargs[self.keep_kw] = 1
-                if use_peft:
-                    kwargs["adapter_names"] = [rows[i].adapter or BASE for i in active]
-                out = self.model(
-                    input_ids=step_ids,
-                    attention_mask=step_mask,
-                    position_ids=step_pos,
-                    use_cache=True,
-                    **kwargs,
-                )
-                past = getattr(out, "cache", None)
-                if past is None:
-                    past = out.past_key_values
-                logits = out.logits[:, -1, :]
-                steps += 1
-                next_tokens: list[int] = []
-                for j, i in enumerate(active):
-                    r = rows[i]
-                    if self._is_cancelled(r):
-                        r.finish = "cancelled"
-                        next_tokens.append(self.pad_id)
-                        continue
-                    tok = self._sample(r, logits[j])
-                    next_tokens.append(tok)
-                    r.generated.append(tok)
-                    if r.seen is not None:
-                        r.seen = torch.unique(torch.cat([r.seen, torch.tensor([tok])]))
-                    if tok in self.eos_ids:
-                        r.finish = "stop"
-                        r.text = r.raw.decode("utf-8", errors="replace")
-                        continue
-                    r.raw += self.id_bytes[tok] if tok < len(self.id_bytes) else b""
-                    self._update_text(r)
-                    if r.finish is None and len(r.generated) >= r.max_tokens:
-                        r.finish = "length"
-                        r.text = r.raw.decode("utf-8", errors="replace")
-                        # stop strings may still cut it
-                        self._update_text_final(r)
-                keep: list[int] = []
-                for j, i in enumerate(active):
-                    r = rows[i]
-                    if r.finish is not None:
-                        self._finalize(r)
-                    else:
-                        keep.append(j)
-                if not keep:
-                    break
-                if len(keep) != len(active):
-                    idx = torch.tensor(keep, dtype=torch.long)
-                    past = self._select_cache(past, idx)
-                    step_mask = step_mask.index_select(0, idx)
-                    step_pos = step_pos.index_select(0, idx)
-                    active = [active[j] for j in keep]
-                    next_tokens = [next_tokens[j] for j in keep]
-                step_ids = torch.tensor(next_tokens, dtype=torch.long).unsqueeze(1)
-                step_mask = torch.cat([step_mask, torch.ones((len(active), 1), dtype=torch.long)], 1)
-                step_pos = step_pos[:, -1:] + 1
-        for r in rows:  # safety net: every request gets exactly one FINAL response
-            if not r.finalized:
-                r.finish = r.finish or "stop"
+    def _decode_step(self, b: Batch) -> None:
+        """One token for every active row (the tokens sampled last step go in)."""
+        torch = self.torch
+        ids = torch.tensor(b.next_ids, dtype=torch.long).unsqueeze(1)
+        mask = torch.cat([b.mask, torch.ones((len(b.rows), 1), dtype=torch.long)], 1)
+        logits, b.cache = self._forward(b.rows, ids, mask, b.pos, b.cache)
+        b.mask, b.pos = mask, b.pos + 1
+        self.pending["steps"] += 1
+        self.pending["rows"] += len(b.rows)
+        b.next_ids = self._sample_all(b.rows, logits)
+        if time.monotonic() - self.flushed_at > 0.5:  # long generations still show progress
+            self._flush_metrics()
+
+    def _sample_all(self, rows: list[Row], logits: Any) -> list[int]:
+        """Next token per row (pad for rows that just got cancelled); updates text/streams."""
+        out: list[int] = []
+        for j, r in enumerate(rows):
+            if self._is_cancelled(r):
+                r.finish = "cancelled"
+                out.append(self.pad_id)
+                continue
+            tok = self._sample(r, logits[j])
+            out.append(tok)
+            self._accept(r, tok)
+        self.pending["tokens"] += sum(1 for r in rows if r.finish != "cancelled")
+        return out
+
+    def _flush_metrics(self) -> None:
+        for key, metric in (("tokens", self.m_tokens), ("steps", self.m_steps), ("rows", self.m_rows)):
+            if self.pending[key]:
+                metric.increment(self.pending[key])
+                self.pending[key] = 0
+        self.flushed_at = time.monotonic()
+
+    def _accept(self, r: Row, tok: int) -> None:
+        r.generated.append(tok)
+        if r.seen is not None:
+            r.seen = self.torch.unique(self.torch.cat([r.seen, self.torch.tensor([tok])]))
+        if tok in self.eos_ids:
+            r.finish = "stop"
+            r.text = r.raw.decode("utf-8", errors="replace")
+            return
+        r.raw += self.id_bytes[tok] if tok < len(self.id_bytes) else b""
+        self._update_text(r)
+        if r.finish is None and len(r.generated) >= r.max_tokens:
+            r.finish = "length"
+            r.text = r.raw.decode("utf-8", errors="replace")
+            self._update_text_final(r)  # stop strings may still cut it
+
+    def _prune(self) -> None:
+        if self.batch is not None:
+            self.batch = self._prune_batch(self.batch)
+
+    def _prune_batch(self, b: Batch) -> Batch | None:
+        """Send FINAL for finished rows and drop them (and all-padding columns) from the cache."""
+        keep = [j for j, r in enumerate(b.rows) if r.finish is None]
+        if len(keep) != len(b.rows):  # counters are current by the time a client sees FINAL
+            self._flush_metrics()
+        for r in b.rows:
+            if r.finish is not None:
                 self._finalize(r)
-        return steps
+        if not keep:
+            return None
+        if len(keep) != len(b.rows):
+            idx = self.torch.tensor(keep, dtype=self.torch.long)
+            b.cache = _select_cache(b.cache, idx)
+            b.mask, b.pos = b.mask.index_select(0, idx), b.pos.index_select(0, idx)
+            b.rows = [b.rows[j] for j in keep]
+            b.next_ids = [b.next_ids[j] for j in keep]
+            # columns no remaining row attends to (left padding of finished rows) are dead weight
+            lead = int(b.mask.any(0).long().argmax())
+            if lead and self._mergeable(b.cache):
+                b.cache = _map_cache(b.cache, lambda t: t[:, :, lead:])
+                b.mask = b.mask[:, lead:]
+        return b
+
+    def _merge(self, a: Batch, b: Batch) -> Batch:
+        """Join two batches: left-pad the shorter along time (mask 0), stack along rows."""
+        torch = self.torch
+        width = max(a.mask.shape[1], b.mask.shape[1])
+        pad_a, pad_b = width - a.mask.shape[1], width - b.mask.shape[1]
+        cache = _merge_cache(a.cache, b.cache, pad_a, pad_b)
+        mask = torch.cat([_pad_left(a.mask, pad_a, 1), _pad_left(b.mask, pad_b, 1)], 0)
+        merged = Batch(a.rows + b.rows, cache, mask, torch.cat([a.pos, b.pos], 0))
+        merged.next_ids = a.next_ids + b.next_ids
+        return merged
+
+    @staticmethod
+    def _mergeable(cache: Any) -> bool:
+        """Plain full-attention caches only: sliding/static/quantized layers keep extra state."""
+        if isinstance(cache, tuple):
+            return True
+        layers = getattr(cache, "layers", None)
+        return layers is not None and all(
+            type(layer).__name__ == "DynamicLayer" for layer in layers
+        )
 
     def _update_text_final(self, row: Row) -> None:
         if row.stops:
@@ -609,19 +774,89 @@ class TritonPythonModel:
                 row.text = text[:cut]
                 row.finish = "stop"
 
-    @staticmethod
-    def _select_cache(past: Any, idx: Any) -> Any:
-        if hasattr(past, "batch_select_indices"):
-            past.batch_select_indices(idx)
-            return past
-        layers = getattr(past, "layers", None)
-        if layers is not None:
-            for layer in layers:
-                layer.batch_select_indices(idx)
-            return past
-        if isinstance(past, tuple):
-            return tuple(tuple(t.index_select(0, idx) for t in layer) for layer in past)
-        raise RuntimeError("cannot select rows of the KV cache")
-
     def finalize(self) -> None:
+        """Stop the decode thread; every queued or running request gets a FINAL error."""
+        with self.wakeup:
+            self.stopping = True
+            self.wakeup.notify_all()
+        self.thread.join(timeout=5.0)
+        if self.thread.is_alive():  # stuck in a forward pass: it fails its own rows when back
+            self.logger.log_warn("llm: decode thread did not stop within 5 s")
+        self._fail(self._drain(), _unavailable())
         self.logger.log_info("llm: unloading")
+
+
+class Batch:
+    """The running batch: rows in cache order and the tensors the next decode step needs."""
+
+    def __init__(self, rows: list[Row], cache: Any, mask: Any, pos: Any) -> None:
+        self.rows = rows
+        self.cache = cache  # KV cache, batch axis = rows, time axis = mask's columns
+        self.mask = mask  # [rows, time] attention mask of the cached positions
+        self.pos = pos  # [rows, 1] position id of each row's next token
+        self.next_ids: list[int] = []  # tokens sampled last step, fed in the next one
+
+
+def _unavailable() -> RequestError:
+    return RequestError("UNAVAILABLE: llm model is shutting down", _code("UNAVAILABLE"))
+
+
+def _pad_left(t: Any, n: int, dim: int) -> Any:
+    """Zeros prepended along `dim` (zero keys/values under a zero mask are never attended)."""
+    if n == 0:
+        return t
+    import torch
+
+    shape = list(t.shape)
+    shape[dim] = n
+    return torch.cat([t.new_zeros(shape), t], dim)
+
+
+def _cache_tensors(cache: Any) -> list[tuple[Any, str, Any]]:
+    """(holder, attribute, tensor) for every key/value tensor of a DynamicCache."""
+    return [
+        (layer, name, getattr(layer, name))
+        for layer in cache.layers
+        for name in ("keys", "values")
+        if getattr(layer, name, None) is not None and getattr(layer, name).dim() == 4
+    ]
+
+
+def _map_cache(cache: Any, fn: Any) -> Any:
+    if isinstance(cache, tuple):  # legacy ((k, v), ...) per layer
+        return tuple(tuple(fn(t) for t in layer) for layer in cache)
+    for holder, name, t in _cache_tensors(cache):
+        setattr(holder, name, fn(t))
+    return cache
+
+
+def _merge_cache(a: Any, b: Any, pad_a: int, pad_b: int) -> Any:
+    """Cache of a's rows then b's rows; tensors are [rows, heads, time, head_dim]."""
+    import torch
+
+    def join(x: Any, y: Any) -> Any:
+        return torch.cat([_pad_left(x, pad_a, 2), _pad_left(y, pad_b, 2)], 0)
+
+    if isinstance(a, tuple):
+        return tuple(tuple(join(x, y) for x, y in zip(la, lb)) for la, lb in zip(a, b))
+    ta, tb = _cache_tensors(a), _cache_tensors(b)
+    if len(ta) != len(tb):
+        raise RuntimeError("KV caches of different shapes cannot be merged")
+    joined = [join(x, y) for (_, _, x), (_, _, y) in zip(ta, tb)]  # all built before any is set
+    for (holder, name, _), t in zip(ta, joined):
+        setattr(holder, name, t)
+    return a
+
+
+def _select_cache(past: Any, idx: Any) -> Any:
+    if hasattr(past, "batch_select_indices"):
+        past.batch_select_indices(idx)
+        return past
+    layers = getattr(past, "layers", None)
+    if layers is not None:
+        for layer in layers:
+            layer.batch_select_indices(idx)
+        return past
+    if isinstance(past, tuple):
+        return tuple(tuple(t.index_select(0, idx) for t in layer) for layer in past)
+    raise RuntimeError("cannot select rows of the KV cache")

@@ -19,12 +19,14 @@ from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException
 
 from llmesh.runtime.channels import channel_options
-from llmesh.runtime.errors import Cancelled, DeadlineExceeded, InvalidArgument, LlmeshError, NotFound, Unavailable
+from llmesh.runtime.errors import (
+    Cancelled, DeadlineExceeded, InvalidArgument, LlmeshError, NotFound, ResourceExhausted, Unavailable,
+)
 from llmesh.services.inference.sampling import Sampling
 
 OUTPUTS = ("text", "prompt_tokens", "completion_tokens", "finish_reason")
 # The model prefixes its errors with the status it means ("NOT_FOUND: adapter 'x' not found").
-_TAGGED = re.compile(r"(INVALID_ARGUMENT|NOT_FOUND|UNAVAILABLE):\s*(.*)", re.S)
+_TAGGED = re.compile(r"(INVALID_ARGUMENT|NOT_FOUND|RESOURCE_EXHAUSTED|UNAVAILABLE):\s*(.*)", re.S)
 # Reconnect quickly after Triton restarts instead of gRPC's default backoff (up to 120 s).
 _RECONNECT = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
               ("grpc.max_reconnect_backoff_ms", 1000)]
@@ -104,6 +106,8 @@ def map_error(exc: BaseException) -> LlmeshError:
             field, _, why = detail.partition(":")
             field = field.strip()
             return InvalidArgument(API_FIELDS.get(field, field), why.strip() or detail)
+        if kind == "RESOURCE_EXHAUSTED":
+            return ResourceExhausted(detail, retry_after_s=1.0)
         return Unavailable(detail)
     if "unknown model" in msg or "not ready" in msg or "not found" in msg:
         return Unavailable(f"model not available: {msg}", retry_after_s=2.0)
