@@ -14,25 +14,12 @@ import grpc
 import pytest
 
 from llmesh.runtime.config import MeshConfig, load_config
-from llmesh.sandbox import free_ports, write_config
+from llmesh.sandbox import free_ports, make_random_adapter, write_config
 
 TEST_ADAPTER = "test-lora"
 # Small bounds so expiry and trimming are observable within a test.
 TEST_SETTINGS = {"chat_ttl_seconds": 4, "chat_max_messages": 6, "max_prompt_chars": 6000, "max_tokens_limit": 1024}
 __all__ = ["free_ports", "Mesh", "TEST_ADAPTER"]
-
-
-def make_adapter(base: Path, dest: Path, seed: int = 1234) -> None:
-    """A LoRA adapter with random (non-zero) weights, so it visibly changes outputs."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                                  init_lora_weights=False))
-    peft_model.save_pretrained(dest)
 
 
 @dataclass
@@ -62,7 +49,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     path = write_config(home, TEST_SETTINGS)
     cfg = load_config(path)
     init_models(cfg.home)
-    make_adapter(cfg.llm_path, cfg.adapter_dir / TEST_ADAPTER)
+    make_random_adapter(cfg.llm_path, cfg.adapter_dir / TEST_ADAPTER)
     try:
         control.up(cfg, config_path=path, timeout=300)
     except Exception:

@@ -44,6 +44,20 @@ def write_config(home: Path, inference: dict[str, Any] | None = None) -> Path:
     return path
 
 
+def make_random_adapter(base: Path, dest: Path, seed: int = 1234) -> None:
+    """A LoRA adapter (r=4 on q_proj/v_proj) with random, non-zero weights, so it
+    visibly changes the base model's output. For tests and smoke checks."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                                  init_lora_weights=False))
+    peft_model.save_pretrained(dest)
+
+
 @contextlib.contextmanager
 def ephemeral_mesh(home: Path, inference: dict[str, Any] | None = None, timeout: float = 300) -> Iterator[tuple[MeshConfig, Path]]:
     """Build the demo models in ``home``, bring the mesh up, yield, bring it down."""
