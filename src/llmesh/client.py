@@ -34,7 +34,8 @@ def describe_error(err: grpc.RpcError) -> RpcFailure:
     code = err.code().name if hasattr(err, "code") else "UNKNOWN"
     message = err.details() if hasattr(err, "details") else str(err)
     field, retry = "", None
-    status = rpc_status.from_call(err) if isinstance(err, grpc.Call) else None
+    # Sync calls (grpc.Call) and aio errors (AioRpcError) both carry trailing metadata.
+    status = rpc_status.from_call(err) if hasattr(err, "trailing_metadata") else None
     for d in status.details if status else ():
         if d.Is(error_details_pb2.BadRequest.DESCRIPTOR):
             br = error_details_pb2.BadRequest()

@@ -46,3 +46,8 @@ def test_triton_tagged_errors_map_to_domain_errors() -> None:
 def test_a_full_model_queue_is_resource_exhausted_with_retry() -> None:
     e = map_error(InferenceServerException("RESOURCE_EXHAUSTED: llm queue is full (256 waiting)"))
     assert isinstance(e, errors.ResourceExhausted) and e.retry_after_s > 0
+
+
+def test_drafted_rpcs_are_unimplemented_not_internal() -> None:
+    code, _, _ = status_for(NotImplementedError("Method not implemented!"), "rid")
+    assert code == grpc.StatusCode.UNIMPLEMENTED

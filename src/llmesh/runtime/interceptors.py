@@ -53,6 +53,10 @@ def status_for(exc: BaseException, request_id: str) -> tuple[grpc.StatusCode, st
             delay = duration_pb2.Duration()
             delay.FromTimedelta(datetime.timedelta(seconds=exc.retry_after_s))
             details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
+    elif isinstance(exc, NotImplementedError):
+        # What generated base servicers raise for an RPC that is only drafted.
+        code, message = grpc.StatusCode.UNIMPLEMENTED, "method not implemented yet"
+        details = [_pack(error_details_pb2.ErrorInfo(reason="UNIMPLEMENTED", domain=errors.DOMAIN))]
     else:
         code, message = grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})"
         details = [_pack(error_details_pb2.ErrorInfo(reason="INTERNAL", domain=errors.DOMAIN))]

@@ -1,0 +1,130 @@
+"""A schema-aware gRPC proxy: one generic handler forwards every routed RPC, in all
+four shapes, as raw bytes. Deadlines, cancellation and metadata pass through; the
+upstream's status (with its rich details) comes back unchanged. Policy hooks see the
+route and may decode only what they need."""
+
+from __future__ import annotations
+
+from typing import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+
+import grpc
+
+from llmesh.runtime.channels import peer_channel
+from llmesh.services.gateway.routes import Route
+
+# Metadata that belongs to this hop only (HTTP/2 and gRPC transport headers).
+HOP_BY_HOP = frozenset({"grpc-timeout", "grpc-encoding", "grpc-accept-encoding", "content-type", "te",
+                        "user-agent", "authorization", "traceparent", "tracestate"})
+Metadata = Sequence[tuple[str, str | bytes]]
+# Called before forwarding: returns the metadata to send upstream (raises domain errors to refuse).
+Admit = Callable[[Route, grpc.aio.ServicerContext, bytes | None], Awaitable[Metadata]]
+
+
+def forwardable(metadata: Metadata | None) -> list[tuple[str, str | bytes]]:
+    return [(k, v) for k, v in (metadata or ()) if k not in HOP_BY_HOP and not k.startswith(":")]
+
+
+class Upstreams:
+    """One channel per upstream address, created once."""
+
+    def __init__(self, addresses: Sequence[str], max_message_bytes: int) -> None:
+        self._channels = {a: peer_channel(a, max_message_bytes=max_message_bytes) for a in dict.fromkeys(addresses)}
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        return self._channels[address]
+
+    async def close(self) -> None:
+        for ch in self._channels.values():
+            await ch.close()
+
+
+async def _relay_error(context: grpc.aio.ServicerContext, err: grpc.aio.AioRpcError) -> None:
+    """The upstream's status, message and trailers (rich details included), unchanged."""
+    await context.abort(err.code(), err.details() or "", trailing_metadata=tuple(forwardable(err.trailing_metadata())))
+
+
+class ProxyHandler(grpc.GenericRpcHandler):
+    def __init__(self, routes: Mapping[str, Route], upstreams: Upstreams, admit: Admit, default_timeout_s: float) -> None:
+        self.routes = routes
+        self.upstreams = upstreams
+        self.admit = admit
+        self.default_timeout_s = default_timeout_s
+
+    def _timeout(self, context: grpc.aio.ServicerContext) -> float:
+        left = context.time_remaining()
+        return self.default_timeout_s if left is None else max(0.0, left)
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        route = self.routes.get(handler_call_details.method)
+        if route is None:
+            return None  # UNIMPLEMENTED, as for any unknown method
+        ch = self.upstreams.channel(route.upstream)
+        if not route.client_streaming and not route.server_streaming:
+            return grpc.unary_unary_rpc_method_handler(self._unary_unary(route, ch))
+        if not route.client_streaming:
+            return grpc.unary_stream_rpc_method_handler(self._unary_stream(route, ch))
+        if not route.server_streaming:
+            return grpc.stream_unary_rpc_method_handler(self._stream_unary(route, ch))
+        return grpc.stream_stream_rpc_method_handler(self._stream_stream(route, ch))
+
+    def _unary_unary(self, route: Route, ch: grpc.aio.Channel):  # type: ignore[no-untyped-def]
+        rpc = ch.unary_unary(route.path)
+
+        async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes | None:
+            md = await self.admit(route, context, request)
+            call = rpc(request, timeout=self._timeout(context), metadata=md)
+            try:
+                response = await call
+            except grpc.aio.AioRpcError as err:
+                await _relay_error(context, err)
+                return None
+            context.set_trailing_metadata(tuple(forwardable(await call.trailing_metadata())))
+            return response
+
+        return handle
+
+    def _unary_stream(self, route: Route, ch: grpc.aio.Channel):  # type: ignore[no-untyped-def]
+        rpc = ch.unary_stream(route.path)
+
+        async def handle(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+            md = await self.admit(route, context, request)
+            call = rpc(request, timeout=self._timeout(context), metadata=md)
+            try:
+                async for msg in call:
+                    yield msg
+            except grpc.aio.AioRpcError as err:
+                await _relay_error(context, err)
+            finally:
+                call.cancel()  # the client went away (or we are done): stop the upstream too
+
+        return handle
+
+    def _stream_unary(self, route: Route, ch: grpc.aio.Channel):  # type: ignore[no-untyped-def]
+        rpc = ch.stream_unary(route.path)
+
+        async def handle(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes | None:
+            md = await self.admit(route, context, None)
+            call = rpc(requests, timeout=self._timeout(context), metadata=md)
+            try:
+                return await call
+            except grpc.aio.AioRpcError as err:
+                await _relay_error(context, err)
+                return None
+
+        return handle
+
+    def _stream_stream(self, route: Route, ch: grpc.aio.Channel):  # type: ignore[no-untyped-def]
+        rpc = ch.stream_stream(route.path)
+
+        async def handle(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+            md = await self.admit(route, context, None)
+            call = rpc(requests, timeout=self._timeout(context), metadata=md)
+            try:
+                async for msg in call:
+                    yield msg
+            except grpc.aio.AioRpcError as err:
+                await _relay_error(context, err)
+            finally:
+                call.cancel()
+
+        return handle
