@@ -36,11 +36,15 @@ def test_every_method_declares_its_policy(pkg: str, name: str) -> None:
         assert policy.rate_limit_class != options_pb2.RATE_LIMIT_CLASS_UNSPECIFIED, m.full_name
 
 
-def test_inference_is_implemented_and_the_drafts_are_marked() -> None:
-    assert all(m.GetOptions().Extensions[options_pb2.method_policy].implemented
-               for m in _service("inference", "Inference").methods)
+IMPLEMENTED = {"inference", "security"}
+
+
+def test_implemented_services_and_the_drafts_are_marked() -> None:
+    for pkg in IMPLEMENTED:
+        assert all(m.GetOptions().Extensions[options_pb2.method_policy].implemented
+                   for m in _service(pkg, SERVICES[pkg]).methods)
     for pkg, name in SERVICES.items():
-        if pkg != "inference":
+        if pkg not in IMPLEMENTED:
             assert not any(m.GetOptions().Extensions[options_pb2.method_policy].implemented
                            for m in _service(pkg, name).methods)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -77,11 +77,22 @@ class InferenceSettings(_Model):
     templates_path: str = ""
 
 
+class SecuritySettings(_Model):
+    server: ServerSettings = ServerSettings(port=50062, metrics_port=9462)
+    # JWT "iss" and "aud" of issued tokens.
+    issuer: str = "llmesh"
+    audience: str = "llmesh-gateway"
+    # Longest token lifetime; also how long a rotated-out signing key stays in the JWKS.
+    token_ttl_seconds: int = Field(default=900, ge=1, le=86_400)
+    signing_algorithm: Literal["ES256", "RS256"] = "ES256"
+
+
 class MeshConfig(_Model):
     home: Path
     redis: RedisSettings = RedisSettings()
     triton: TritonSettings = TritonSettings()
     inference: InferenceSettings
+    security: SecuritySettings = SecuritySettings()
 
     @field_validator("home")
     @classmethod
