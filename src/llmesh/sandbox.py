@@ -28,11 +28,12 @@ def free_ports(n: int) -> list[int]:
 
 def write_config(home: Path, inference: dict[str, Any] | None = None) -> Path:
     """A config file for a mesh living in ``home`` on fresh ports."""
-    redis_port, t_http, t_grpc, t_metrics, inf_port, inf_metrics = free_ports(6)
+    redis_port, t_http, t_grpc, t_metrics, inf_port, inf_metrics, sec_port, sec_metrics = free_ports(8)
     doc = {
         "home": str(home),
         "redis": {"port": redis_port},
         "triton": {"grpc_port": t_grpc, "http_port": t_http, "metrics_port": t_metrics},
+        "security": {"server": {"port": sec_port, "metrics_port": sec_metrics, "grace_seconds": 10}},
         "inference": {
             "server": {"port": inf_port, "metrics_port": inf_metrics, "grace_seconds": 10},
             "peers": {"triton": f"127.0.0.1:{t_grpc}", "redis": f"redis://127.0.0.1:{redis_port}/0"},

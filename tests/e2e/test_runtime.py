@@ -143,3 +143,14 @@ def test_message_size_limit_is_enforced(mesh: Mesh, stub) -> None:  # type: igno
     with pytest.raises(grpc.RpcError) as e:
         stub.Generate(pb.GenerateRequest(prompt=too_big), timeout=30)
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_the_security_service_runs_in_the_mesh(mesh: Mesh) -> None:
+    from llmesh.security.v1 import security_pb2, security_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{mesh.cfg.security.server.port}") as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        assert health.Check(health_pb2.HealthCheckRequest(service="llmesh.security.v1.Security"), timeout=5).status == \
+            health_pb2.HealthCheckResponse.SERVING
+        jwks = security_pb2_grpc.SecurityStub(ch).GetJwks(security_pb2.GetJwksRequest(), timeout=5)
+        assert '"keys"' in jwks.jwks_json

@@ -102,8 +102,8 @@ class ProcessSpec:
 
 
 def build_specs(cfg: MeshConfig, config_path: Path | None) -> list[ProcessSpec]:
-    """The embedded mesh in start order: redis → tritonserver → inference."""
-    return [redis_spec(cfg), triton_spec(cfg), inference_spec(cfg, config_path)]
+    """The embedded mesh in start order: redis → security → tritonserver → inference."""
+    return [redis_spec(cfg), security_spec(cfg, config_path), triton_spec(cfg), inference_spec(cfg, config_path)]
 
 
 def redis_binary(cfg: MeshConfig) -> str:
@@ -179,6 +179,11 @@ def service_spec(
         name=name, argv=(sys.executable, "-m", module), env=env, cwd=str(cfg.home), port=port,
         health=HealthCheck("grpc", port), grace_s=grace_s + 5.0, start_timeout_s=180.0,
     )  # fmt: skip
+
+
+def security_spec(cfg: MeshConfig, config_path: Path | None) -> ProcessSpec:
+    s = cfg.security.server
+    return service_spec(cfg, config_path, "security", "llmesh.services.security", s.port, s.grace_seconds)
 
 
 def inference_spec(cfg: MeshConfig, config_path: Path | None) -> ProcessSpec:
