@@ -16,7 +16,7 @@ from llmesh.retrieval.v1 import retrieval_pb2 as rpb
 from llmesh.retrieval.v1 import retrieval_pb2_grpc as rgrpc
 from llmesh.runtime.errors import InvalidArgument
 from llmesh.runtime.interceptors import ErrorMappingInterceptor
-from llmesh.services.gateway.proxy import ProxyHandler, Upstreams, forwardable
+from llmesh.services.gateway.proxy import Forward, ProxyHandler, Upstreams, forwardable
 from llmesh.services.gateway.routes import build_routes
 
 
@@ -71,7 +71,7 @@ async def mesh():  # type: ignore[no-untyped-def]
     upstreams = Upstreams([address], 16 * 1024 * 1024)
 
     async def admit(route, context, body):  # type: ignore[no-untyped-def]
-        return forwardable(context.invocation_metadata())
+        return Forward(forwardable(context.invocation_metadata()))
 
     gateway = grpc.aio.server(interceptors=[ErrorMappingInterceptor()])
     gateway.add_generic_rpc_handlers([ProxyHandler(routes, upstreams, admit, default_timeout_s=30)])

@@ -102,8 +102,9 @@ class ProcessSpec:
 
 
 def build_specs(cfg: MeshConfig, config_path: Path | None) -> list[ProcessSpec]:
-    """The embedded mesh in start order: redis → security → tritonserver → inference."""
-    return [redis_spec(cfg), security_spec(cfg, config_path), triton_spec(cfg), inference_spec(cfg, config_path)]
+    """The embedded mesh in start order: redis → security → tritonserver → inference → gateway."""
+    return [redis_spec(cfg), security_spec(cfg, config_path), triton_spec(cfg), inference_spec(cfg, config_path),
+            gateway_spec(cfg, config_path)]
 
 
 def redis_binary(cfg: MeshConfig) -> str:
@@ -184,6 +185,11 @@ def service_spec(
 def security_spec(cfg: MeshConfig, config_path: Path | None) -> ProcessSpec:
     s = cfg.security.server
     return service_spec(cfg, config_path, "security", "llmesh.services.security", s.port, s.grace_seconds)
+
+
+def gateway_spec(cfg: MeshConfig, config_path: Path | None) -> ProcessSpec:
+    s = cfg.gateway.server
+    return service_spec(cfg, config_path, "gateway", "llmesh.services.gateway", s.port, s.grace_seconds)
 
 
 def inference_spec(cfg: MeshConfig, config_path: Path | None) -> ProcessSpec:

@@ -87,11 +87,45 @@ class SecuritySettings(_Model):
     signing_algorithm: Literal["ES256", "RS256"] = "ES256"
 
 
+class GatewayPeers(_Model):
+    security: str
+    redis: str
+
+
+class RateLimitSettings(_Model):
+    requests: int = Field(ge=1)
+    window_s: float = Field(gt=0)
+
+
+def _default_limits() -> dict[str, RateLimitSettings]:
+    per_minute = {"read": 600, "write": 120, "generate": 120, "embed": 600, "job": 10, "admin": 60}
+    return {k: RateLimitSettings(requests=v, window_s=60) for k, v in per_minute.items()}
+
+
+class GatewaySettings(_Model):
+    server: ServerSettings
+    peers: GatewayPeers
+    # Public service name → upstream address; only these are exposed.
+    upstreams: dict[str, str]
+    issuer: str = "llmesh"
+    audience: str = "llmesh-gateway"
+    jwt_leeway_s: float = 30.0
+    # HMAC request signatures on every authenticated call; timestamps within ±skew.
+    require_signature: bool = True
+    signature_skew_s: float = 300.0
+    rate_limits: dict[str, RateLimitSettings] = Field(default_factory=_default_limits)
+    tokens_per_minute: int = 20_000
+    # Entity → operator (mask, redact, hash, pseudonymize); see gateway/masking.py.
+    masking: dict[str, str] = {}
+    default_timeout_s: float = 120.0
+
+
 class MeshConfig(_Model):
     home: Path
     redis: RedisSettings = RedisSettings()
     triton: TritonSettings = TritonSettings()
     inference: InferenceSettings
+    gateway: GatewaySettings
     security: SecuritySettings = SecuritySettings()
 
     @field_validator("home")

@@ -51,8 +51,10 @@ class Principal:
     tenant: str
     scopes: frozenset[str]
     roles: frozenset[str]
-    key_id: str | None
+    key_id: str | None  # the signing key (JWT header kid)
     expires_at: float
+    # The API key the token was issued for: the gateway binds request signatures to it.
+    api_key_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -267,6 +269,7 @@ class JwtVerifier:
             roles=_str_set(claims.get("roles"), "roles"),
             key_id=kid,
             expires_at=float(claims["exp"]),
+            api_key_id=claims["key_id"] if isinstance(claims.get("key_id"), str) else None,
         )
 
 

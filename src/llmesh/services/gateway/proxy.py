@@ -5,6 +5,7 @@ route and may decode only what they need."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
 import grpc
@@ -16,8 +17,31 @@ from llmesh.services.gateway.routes import Route
 HOP_BY_HOP = frozenset({"grpc-timeout", "grpc-encoding", "grpc-accept-encoding", "content-type", "te",
                         "user-agent", "authorization", "traceparent", "tracestate"})
 Metadata = Sequence[tuple[str, str | bytes]]
-# Called before forwarding: returns the metadata to send upstream (raises domain errors to refuse).
-Admit = Callable[[Route, grpc.aio.ServicerContext, bytes | None], Awaitable[Metadata]]
+Transform = Callable[[bytes], bytes]
+
+
+def _same(b: bytes) -> bytes:
+    return b
+
+
+async def _nothing(code: grpc.StatusCode, last_response: bytes | None) -> None:
+    return None
+
+
+@dataclass
+class Forward:
+    """What the policy decided for one admitted call."""
+
+    metadata: Metadata
+    request: Transform = _same  # applied to every request message (masking)
+    response: Transform = _same  # applied to every response message (unmasking)
+    # Called once when the call ends, with its status and last response (audit, token usage).
+    done: Callable[[grpc.StatusCode, bytes | None], Awaitable[None]] = _nothing
+
+
+# Called before forwarding with the first request message (None for an empty client
+# stream); raises domain errors to refuse the call.
+Admit = Callable[[Route, grpc.aio.ServicerContext, bytes | None], Awaitable[Forward]]
 
 
 def forwardable(metadata: Metadata | None) -> list[tuple[str, str | bytes]]:
@@ -71,15 +95,17 @@ class ProxyHandler(grpc.GenericRpcHandler):
         rpc = ch.unary_unary(route.path)
 
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes | None:
-            md = await self.admit(route, context, request)
-            call = rpc(request, timeout=self._timeout(context), metadata=md)
+            fwd = await self.admit(route, context, request)
+            call = rpc(fwd.request(request), timeout=self._timeout(context), metadata=fwd.metadata)
             try:
                 response = await call
             except grpc.aio.AioRpcError as err:
+                await fwd.done(err.code(), None)
                 await _relay_error(context, err)
                 return None
+            await fwd.done(grpc.StatusCode.OK, response)
             context.set_trailing_metadata(tuple(forwardable(await call.trailing_metadata())))
-            return response
+            return fwd.response(response)
 
         return handle
 
@@ -87,15 +113,10 @@ class ProxyHandler(grpc.GenericRpcHandler):
         rpc = ch.unary_stream(route.path)
 
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-            md = await self.admit(route, context, request)
-            call = rpc(request, timeout=self._timeout(context), metadata=md)
-            try:
-                async for msg in call:
-                    yield msg
-            except grpc.aio.AioRpcError as err:
-                await _relay_error(context, err)
-            finally:
-                call.cancel()  # the client went away (or we are done): stop the upstream too
+            fwd = await self.admit(route, context, request)
+            call = rpc(fwd.request(request), timeout=self._timeout(context), metadata=fwd.metadata)
+            async for msg in self._relay(call, fwd, context):
+                yield msg
 
         return handle
 
@@ -103,13 +124,17 @@ class ProxyHandler(grpc.GenericRpcHandler):
         rpc = ch.stream_unary(route.path)
 
         async def handle(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes | None:
-            md = await self.admit(route, context, None)
-            call = rpc(requests, timeout=self._timeout(context), metadata=md)
+            first, rest = await _peek(requests)
+            fwd = await self.admit(route, context, first)
+            call = rpc(_mapped(first, rest, fwd.request), timeout=self._timeout(context), metadata=fwd.metadata)
             try:
-                return await call
+                response = await call
             except grpc.aio.AioRpcError as err:
+                await fwd.done(err.code(), None)
                 await _relay_error(context, err)
                 return None
+            await fwd.done(grpc.StatusCode.OK, response)
+            return fwd.response(response)
 
         return handle
 
@@ -117,14 +142,41 @@ class ProxyHandler(grpc.GenericRpcHandler):
         rpc = ch.stream_stream(route.path)
 
         async def handle(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-            md = await self.admit(route, context, None)
-            call = rpc(requests, timeout=self._timeout(context), metadata=md)
-            try:
-                async for msg in call:
-                    yield msg
-            except grpc.aio.AioRpcError as err:
-                await _relay_error(context, err)
-            finally:
-                call.cancel()
+            first, rest = await _peek(requests)
+            fwd = await self.admit(route, context, first)
+            call = rpc(_mapped(first, rest, fwd.request), timeout=self._timeout(context), metadata=fwd.metadata)
+            async for msg in self._relay(call, fwd, context):
+                yield msg
 
         return handle
+
+    async def _relay(self, call, fwd: Forward, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:  # type: ignore[no-untyped-def]
+        last, code = None, grpc.StatusCode.CANCELLED
+        try:
+            async for msg in call:
+                last = msg
+                yield fwd.response(msg)
+            code = grpc.StatusCode.OK
+        except grpc.aio.AioRpcError as err:
+            code = err.code()
+            await _relay_error(context, err)
+        finally:
+            call.cancel()  # the client went away (or we are done): stop the upstream too
+            await fwd.done(code, last)
+
+
+async def _peek(requests: AsyncIterator[bytes]) -> tuple[bytes | None, AsyncIterator[bytes]]:
+    """The first message of a client stream (signatures cover it) and the stream."""
+    it = requests.__aiter__()
+    try:
+        return await it.__anext__(), it
+    except StopAsyncIteration:
+        return None, it
+
+
+async def _mapped(first: bytes | None, rest: AsyncIterator[bytes], fn: Transform) -> AsyncIterator[bytes]:
+    if first is None:
+        return
+    yield fn(first)
+    async for msg in rest:
+        yield fn(msg)

@@ -1,0 +1,149 @@
+"""The gateway's policy pipeline, in order: authenticate (JWT) → verify the request
+signature (HMAC, replay refused) → authorize (the method's scope/roles from its proto
+option) → rate limit (requests, and LLM tokens for generation) → mask sensitive
+fields → forward with an internal identity → unmask the response → audit."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from llmesh.common.v1 import options_pb2, types_pb2
+from llmesh.auth.signature import NonceStore, key_id_of, nonce_ttl, verify
+from llmesh.runtime.errors import Unauthenticated
+from llmesh.runtime.identity import IDENTITY_KEY, InternalIdentity
+from llmesh.runtime.identity import Principal as InternalPrincipal
+from llmesh.security.v1 import security_pb2, security_pb2_grpc
+from llmesh.services.gateway.audit import GATEWAY, AuditSink
+from llmesh.services.gateway.authn import JwtVerifier, Principal, authorize
+from llmesh.services.gateway.fields import has_pii, mask_message, message_class, restore_message
+from llmesh.services.gateway.masking import Masker, Vault
+from llmesh.services.gateway.proxy import Forward, forwardable
+from llmesh.services.gateway.ratelimit import RateLimiter
+from llmesh.services.gateway.routes import Route
+
+CLASS_NAMES = {
+    options_pb2.RATE_LIMIT_CLASS_READ: "read",
+    options_pb2.RATE_LIMIT_CLASS_WRITE: "write",
+    options_pb2.RATE_LIMIT_CLASS_GENERATE: "generate",
+    options_pb2.RATE_LIMIT_CLASS_EMBED: "embed",
+    options_pb2.RATE_LIMIT_CLASS_JOB: "job",
+    options_pb2.RATE_LIMIT_CLASS_ADMIN: "admin",
+}
+ANONYMOUS = InternalPrincipal("anonymous", "")
+
+
+class SecretCache:
+    """API key secrets from the security service, cached briefly (revocation takes
+    effect within ``ttl_s``)."""
+
+    def __init__(self, channel: grpc.aio.Channel, identity: InternalIdentity, ttl_s: float = 30.0) -> None:
+        self._stub = security_pb2_grpc.SecurityStub(channel)
+        self._identity = identity
+        self._ttl_s = ttl_s
+        self._cache: dict[str, tuple[bytes, float]] = {}
+
+    async def get(self, key_id: str) -> bytes:
+        hit = self._cache.get(key_id)
+        if hit and hit[1] > time.monotonic():
+            return hit[0]
+        try:
+            resp = await self._stub.GetApiKeySecret(
+                security_pb2.GetApiKeySecretRequest(key_id=key_id),
+                metadata=((IDENTITY_KEY, self._identity.mint(GATEWAY)),), timeout=5)
+        except grpc.aio.AioRpcError as e:
+            if e.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT):
+                raise Unauthenticated("unknown, revoked or expired API key") from None
+            raise
+        secret = resp.secret.encode()
+        self._cache[key_id] = (secret, time.monotonic() + self._ttl_s)
+        return secret
+
+
+@dataclass
+class Pipeline:
+    verifier: JwtVerifier
+    secrets: SecretCache
+    nonces: NonceStore
+    limiter: RateLimiter
+    masker: Masker
+    identity: InternalIdentity
+    audit: AuditSink
+    require_signature: bool
+    skew_s: float
+
+    async def admit(self, route: Route, context: grpc.aio.ServicerContext, body: bytes | None) -> Forward:
+        started = time.perf_counter()
+        md = dict(context.invocation_metadata() or ())
+        policy = route.policy
+        caller: Principal | None = None
+        if not policy.anonymous:
+            caller = await self.verifier.verify(str(md.get("authorization", "")))
+            if self.require_signature:
+                await self._check_signature(route, md, body, caller)
+            authorize(caller, policy.scope, list(policy.roles))
+        who = _bucket(caller)
+        klass = CLASS_NAMES.get(policy.rate_limit_class, "read")
+        await self.limiter.admit(who, klass)
+        if klass == "generate":
+            await self.limiter.check_tokens(who)
+
+        vault = Vault()
+        entities: dict[str, int] = {}
+        in_cls, out_cls = message_class(route.method.input_type), message_class(route.method.output_type)
+        mask_in, restore_out = has_pii(route.method.input_type), has_pii(route.method.output_type)
+
+        def mask_request(raw: bytes) -> bytes:
+            if not mask_in:
+                return raw
+            msg = in_cls.FromString(raw)
+            for k, v in mask_message(msg, self.masker, vault).items():
+                entities[k] = entities.get(k, 0) + v
+            return msg.SerializeToString()
+
+        def restore_response(raw: bytes) -> bytes:
+            if not restore_out or not len(vault):
+                return raw
+            msg = out_cls.FromString(raw)
+            restore_message(msg, vault)
+            return msg.SerializeToString()
+
+        internal = ANONYMOUS if caller is None else InternalPrincipal(caller.subject, caller.tenant, caller.scopes, caller.roles)
+        metadata = [*forwardable(context.invocation_metadata()), (IDENTITY_KEY, self.identity.mint(internal))]
+        metadata = [(k, v) for k, v in metadata if not k.startswith("x-llmesh-") or k == IDENTITY_KEY]
+        digest = hashlib.sha256(body or b"").hexdigest()
+
+        async def done(code: grpc.StatusCode, last: bytes | None) -> None:
+            if code == grpc.StatusCode.OK and klass == "generate" and last is not None:
+                used = _usage(out_cls, last)
+                if used:
+                    await self.limiter.debit(who, used)
+            self.audit.record(security_pb2.AppendAuditRequest(
+                actor=internal.subject, action=route.path, resource=route.service, outcome=code.name,
+                attributes={"tenant": internal.tenant, "latency_ms": f"{(time.perf_counter() - started) * 1000:.2f}",
+                            "request_sha256": digest, "pii": ",".join(f"{k}={v}" for k, v in sorted(entities.items()))}))
+
+        return Forward(metadata, mask_request, restore_response, done)
+
+    async def _check_signature(self, route: Route, md: dict, body: bytes | None, caller: Principal) -> None:
+        key_id = key_id_of(md)
+        if caller.api_key_id and key_id != caller.api_key_id:
+            raise Unauthenticated("signature key id does not match the token's key")
+        signed = verify(await self.secrets.get(key_id), route.path, body or b"", md, skew_s=self.skew_s)
+        if not await self.nonces.claim(signed.key_id, signed.nonce, nonce_ttl(self.skew_s)):
+            raise Unauthenticated("replayed nonce")
+
+
+def _bucket(caller: Principal | None) -> str:
+    if caller is None:
+        return "anonymous"
+    return f"{caller.tenant}/{caller.api_key_id or caller.subject}"
+
+
+def _usage(cls: type, raw: bytes) -> int:
+    msg = cls.FromString(raw)
+    usage = getattr(msg, "usage", None)
+    return int(usage.total_tokens) if isinstance(usage, types_pb2.Usage) else 0
