@@ -21,6 +21,8 @@ app = typer.Typer(help="llmesh: serve, adapt and safely expose large models over
                   pretty_exceptions_enable=False)
 models_app = typer.Typer(help="Demo models under LLMESH_HOME/models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+keys_app = typer.Typer(help="API keys (operators; talks to the security service on loopback).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 console = Console()
 err = Console(stderr=True)
 
@@ -247,6 +249,82 @@ def demo(config: ConfigOpt = None, timeout: Annotated[float, typer.Option(help="
     from llmesh.demo import run_demo
 
     raise typer.Exit(run_demo(_config(config), config, timeout))
+
+
+def _security(cfg: MeshConfig):  # type: ignore[no-untyped-def]
+    from llmesh.security.v1 import security_pb2_grpc
+
+    s = cfg.security.server
+    return security_pb2_grpc.SecurityStub(grpc.insecure_channel(f"{s.host}:{s.port}"))
+
+
+@keys_app.command("create")
+def keys_create(
+    owner: Annotated[str, typer.Option(help="Who the key is for (the token's subject).")],
+    scope: Annotated[list[str], typer.Option("--scope", help="Scope, e.g. inference:* (repeatable).")],
+    tenant: Annotated[str, typer.Option(help="Tenant the key belongs to.")] = "default",
+    role: Annotated[list[str], typer.Option("--role", help="Role (repeatable).")] = [],
+    ttl_days: Annotated[int, typer.Option(help="Days until the key expires (0: never).")] = 0,
+    config: ConfigOpt = None,
+) -> None:
+    """Create an API key; the secret is printed once."""
+    from llmesh.security.v1 import security_pb2 as spb
+
+    try:
+        r = _security(_config(config)).CreateApiKey(
+            spb.CreateApiKeyRequest(owner=owner, tenant=tenant, scopes=scope, roles=role, ttl_days=ttl_days), timeout=10)
+    except grpc.RpcError as e:
+        _fail(e)
+    print(f"key_id={r.key.key_id}")
+    print(f"secret={r.secret}")
+    err.print("[yellow]the secret is shown only now: store it safely[/yellow]")
+
+
+@keys_app.command("list")
+def keys_list(owner: Annotated[str, typer.Option(help="Only this owner's keys.")] = "", config: ConfigOpt = None) -> None:
+    """List API keys (never their secrets)."""
+    from rich.table import Column, Table
+
+    from llmesh.security.v1 import security_pb2 as spb
+
+    try:
+        r = _security(_config(config)).ListApiKeys(spb.ListApiKeysRequest(owner=owner), timeout=10)
+    except grpc.RpcError as e:
+        _fail(e)
+    table = Table("owner", "tenant", "scopes", "roles", "revoked")
+    table.columns.insert(0, Column("key_id", no_wrap=True, min_width=35))
+    for k in r.keys:
+        table.add_row(k.key_id, k.owner, k.tenant, " ".join(k.scopes), " ".join(k.roles), "yes" if k.revoked else "")
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str, config: ConfigOpt = None) -> None:
+    """Revoke an API key (the gateway refuses it within its 30 s secret cache)."""
+    from llmesh.security.v1 import security_pb2 as spb
+
+    try:
+        _security(_config(config)).RevokeApiKey(spb.RevokeApiKeyRequest(key_id=key_id), timeout=10)
+    except grpc.RpcError as e:
+        _fail(e)
+    print(f"revoked {key_id}")
+
+
+@app.command()
+def token(
+    key_id: Annotated[str, typer.Option(help="API key id.")],
+    secret: Annotated[str, typer.Option(help="API key secret.", envvar="LLMESH_API_SECRET")],
+    scope: Annotated[list[str], typer.Option("--scope", help="Narrow the token to these scopes.")] = [],
+    config: ConfigOpt = None,
+) -> None:
+    """Exchange an API key for a short-lived JWT (printed on stdout)."""
+    from llmesh.security.v1 import security_pb2 as spb
+
+    try:
+        r = _security(_config(config)).IssueToken(spb.IssueTokenRequest(key_id=key_id, secret=secret, scopes=scope), timeout=10)
+    except grpc.RpcError as e:
+        _fail(e)
+    print(r.token)
 
 
 def main() -> None:

@@ -127,3 +127,23 @@ def test_pii_is_masked_before_the_model_and_audited_without_values(mesh: Mesh, s
     text = str(records)
     assert "13812348000" not in text and "cn_mobile=1" in text
     assert sec.VerifyAuditChain(spb.VerifyAuditChainRequest(), timeout=10).intact
+
+
+def test_cli_keys_and_token(mesh: Mesh) -> None:
+    import subprocess
+    import sys
+
+    def cli(*args: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "llmesh.cli", *args, "--config", str(mesh.config_path)],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    created = dict(line.split("=", 1) for line in cli("keys", "create", "--owner", "ops", "--scope", "inference:read").split())
+    assert created["key_id"] in cli("keys", "list", "--owner", "ops")
+    jwt_token = cli("token", "--key-id", created["key_id"], "--secret", created["secret"]).strip()
+    assert jwt_token.count(".") == 2
+    cli("keys", "revoke", created["key_id"])
+    out = subprocess.run([sys.executable, "-m", "llmesh.cli", "token", "--key-id", created["key_id"], "--secret",
+                          created["secret"], "--config", str(mesh.config_path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "FAILED_PRECONDITION" in out.stderr
