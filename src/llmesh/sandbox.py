@@ -26,7 +26,7 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def write_config(home: Path, inference: dict[str, Any] | None = None) -> Path:
+def write_config(home: Path, inference: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Path:
     """A config file for a mesh living in ``home`` on fresh ports."""
     redis_port, t_http, t_grpc, t_metrics, inf_port, inf_metrics, sec_port, sec_metrics, gw_port, gw_metrics = free_ports(10)
     doc = {
@@ -46,6 +46,8 @@ def write_config(home: Path, inference: dict[str, Any] | None = None) -> Path:
             **(inference or {}),
         },
     }
+    for section, values in (extra or {}).items():
+        doc[section] = {**doc.get(section, {}), **values}
     path = home / "llmesh.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path
@@ -66,13 +68,14 @@ def make_random_adapter(base: Path, dest: Path, seed: int = 1234) -> None:
 
 
 @contextlib.contextmanager
-def ephemeral_mesh(home: Path, inference: dict[str, Any] | None = None, timeout: float = 300) -> Iterator[tuple[MeshConfig, Path]]:
+def ephemeral_mesh(home: Path, inference: dict[str, Any] | None = None, timeout: float = 300,
+                   extra: dict[str, Any] | None = None) -> Iterator[tuple[MeshConfig, Path]]:
     """Build the demo models in ``home``, bring the mesh up, yield, bring it down."""
     from llmesh.launcher import control
     from llmesh.models.demo import init_models
 
     home.mkdir(parents=True, exist_ok=True)
-    path = write_config(home, inference)
+    path = write_config(home, inference, extra)
     cfg = load_config(path, env={})
     init_models(cfg.home)
     try:

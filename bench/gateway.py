@@ -1,0 +1,155 @@
+"""Benchmark: what the gateway adds. A small unary call (ListTemplates) and a streamed
+generation, straight to the inference service vs through the gateway with JWT +
+HMAC signature + nonce check + rate limit + masking + audit on, in one run.
+
+Reports p50/p99 latency, calls/s at a fixed concurrency, and the added milliseconds
+at p50 (the goal: under 1 ms for unary calls). Starts its own throwaway mesh on free
+loopback ports with rate limits high enough not to refuse the benchmark's calls.
+Writes bench/out/gateway.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Awaitable, Callable
+
+import grpc
+
+from llmesh.auth.signature import sign
+from llmesh.client import sampling
+from llmesh.inference.v1 import inference_pb2 as pb
+from llmesh.inference.v1 import inference_pb2_grpc as pb_grpc
+from llmesh.runtime.config import MeshConfig
+from llmesh.security.v1 import security_pb2 as spb
+from llmesh.security.v1 import security_pb2_grpc as spb_grpc
+
+OUT = Path(__file__).parent / "out"
+LIST = "/llmesh.inference.v1.Inference/ListTemplates"
+STREAM = "/llmesh.inference.v1.Inference/GenerateStream"
+HIGH = {k: {"requests": 10_000_000, "window_s": 60} for k in ("read", "write", "generate", "embed", "job", "admin")}
+
+
+class Credentials:
+    def __init__(self, key_id: str, secret: str, token: str) -> None:
+        self.key_id, self.secret, self.token = key_id, secret.encode(), token
+
+    def metadata(self, method: str, request: object) -> list[tuple[str, str]]:
+        body = request.SerializeToString()  # type: ignore[attr-defined]
+        return [("authorization", f"Bearer {self.token}"), *sign(self.secret, method, body, key_id=self.key_id)]
+
+
+async def credentials(cfg: MeshConfig) -> Credentials:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{cfg.security.server.port}") as ch:
+        sec = spb_grpc.SecurityStub(ch)
+        key = await sec.CreateApiKey(spb.CreateApiKeyRequest(owner="bench", tenant="bench", scopes=["inference:*"]), timeout=10)
+        tok = await sec.IssueToken(spb.IssueTokenRequest(key_id=key.key.key_id, secret=key.secret), timeout=10)
+    return Credentials(key.key.key_id, key.secret, tok.token)
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+async def latencies(call: Callable[[], Awaitable[None]], n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        await call()
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+async def throughput(call: Callable[[], Awaitable[None]], n: int, concurrency: int) -> float:
+    left = [n]
+
+    async def worker() -> None:
+        while left[0] > 0:
+            left[0] -= 1
+            await call()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return n / (time.perf_counter() - t0)
+
+
+async def run(cfg: MeshConfig, n_unary: int, n_stream: int, concurrency: int) -> dict[str, dict[str, float]]:
+    creds = await credentials(cfg)
+    direct = grpc.aio.insecure_channel(f"127.0.0.1:{cfg.inference.server.port}")
+    gateway = grpc.aio.insecure_channel(f"127.0.0.1:{cfg.gateway.server.port}")
+    stubs = {"direct": pb_grpc.InferenceStub(direct), "gateway": pb_grpc.InferenceStub(gateway)}
+    list_req = pb.ListTemplatesRequest()
+    gen_req = pb.GenerateRequest(prompt="请联系13812348000重置密码", sampling=sampling(max_tokens=32, seed=1))
+
+    def unary(path: str) -> Callable[[], Awaitable[None]]:
+        async def call() -> None:
+            md = creds.metadata(LIST, list_req) if path == "gateway" else None
+            await stubs[path].ListTemplates(list_req, metadata=md, timeout=10)
+        return call
+
+    def stream(path: str, ttft: list[float]) -> Callable[[], Awaitable[None]]:
+        async def call() -> None:
+            md = creds.metadata(STREAM, gen_req) if path == "gateway" else None
+            t0 = time.perf_counter()
+            first = True
+            async for _ in stubs[path].GenerateStream(gen_req, metadata=md, timeout=60):
+                if first:
+                    ttft.append((time.perf_counter() - t0) * 1000)
+                    first = False
+        return call
+
+    results: dict[str, dict[str, float]] = {}
+    for path in ("direct", "gateway"):
+        await latencies(unary(path), 50)  # warm-up
+    for path in ("direct", "gateway"):  # interleaved measurement
+        lat = await latencies(unary(path), n_unary)
+        ttft: list[float] = []
+        total = await latencies(stream(path, ttft), n_stream)
+        results[path] = {
+            "unary_p50_ms": statistics.median(lat), "unary_p99_ms": pct(lat, 0.99),
+            "unary_calls_per_s": await throughput(unary(path), n_unary, concurrency),
+            "stream_ttft_p50_ms": statistics.median(ttft), "stream_total_p50_ms": statistics.median(total),
+            "stream_total_p99_ms": pct(total, 0.99),
+        }
+    await direct.close()
+    await gateway.close()
+    return results
+
+
+def report(r: dict[str, dict[str, float]], concurrency: int) -> None:
+    d, g = r["direct"], r["gateway"]
+    rows = [("unary p50 ms", "unary_p50_ms"), ("unary p99 ms", "unary_p99_ms"),
+            (f"unary calls/s (c={concurrency})", "unary_calls_per_s"), ("stream TTFT p50 ms", "stream_ttft_p50_ms"),
+            ("stream total p50 ms", "stream_total_p50_ms"), ("stream total p99 ms", "stream_total_p99_ms")]
+    print(f"{'metric':<26} {'direct':>10} {'gateway':>10} {'ratio':>7}")
+    for label, k in rows:
+        print(f"{label:<26} {d[k]:>10.2f} {g[k]:>10.2f} {g[k] / d[k]:>7.2f}")
+    print(f"\nadded at p50: unary {g['unary_p50_ms'] - d['unary_p50_ms']:.2f} ms, "
+          f"stream TTFT {g['stream_ttft_p50_ms'] - d['stream_ttft_p50_ms']:.2f} ms")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--unary", type=int, default=1000, help="unary calls per path (default 1000)")
+    ap.add_argument("--streams", type=int, default=40, help="streamed generations per path (default 40)")
+    ap.add_argument("--concurrency", type=int, default=8, help="concurrency of the throughput run (default 8)")
+    args = ap.parse_args()
+    from llmesh.sandbox import ephemeral_mesh
+
+    OUT.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="llmesh-bench-") as tmp, \
+            ephemeral_mesh(Path(tmp), extra={"gateway": {"rate_limits": HIGH, "tokens_per_minute": 100_000_000}}) as (cfg, _):
+        results = asyncio.run(run(cfg, args.unary, args.streams, args.concurrency))
+    report(results, args.concurrency)
+    (OUT / "gateway.json").write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {OUT / 'gateway.json'}")
+
+
+if __name__ == "__main__":
+    main()
