@@ -353,3 +353,23 @@ def test_authorize_roles() -> None:
         authorize(_p({"*"}, {"dev"}), "admin:keys", ["ops", "admin"])
     with pytest.raises(PermissionDenied, match="missing scope"):
         authorize(_p(set(), {"admin"}), "admin:keys", ["admin"])
+
+
+async def test_verified_tokens_are_cached_until_expiry() -> None:
+    import time as _time
+
+    import jwt as _jwt
+
+    secret = b"s" * 32
+    v = JwtVerifier("iss", "aud", hs256_secret=secret)
+    now = int(_time.time())
+    token = _jwt.encode({"iss": "iss", "aud": "aud", "sub": "u", "tenant": "t", "iat": now, "exp": now + 60},
+                        secret, algorithm="HS256", headers={"kid": "h"})
+    first = await v.verify(token)
+    assert await v.verify(token) is first  # served from the cache
+    expired = _jwt.encode({"iss": "iss", "aud": "aud", "sub": "u", "tenant": "t", "iat": now - 600, "exp": now - 300},
+                          secret, algorithm="HS256", headers={"kid": "h"})
+    with pytest.raises(Unauthenticated):
+        await v.verify(expired)
+    with pytest.raises(Unauthenticated):  # failures are never cached as successes
+        await v.verify(expired)

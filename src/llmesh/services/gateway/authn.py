@@ -25,6 +25,7 @@ Principal scopes come from ``scope`` (space separated, RFC 8693) or ``scp``/``sc
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 import json
 import logging
 import time
@@ -125,6 +126,7 @@ class JwtVerifier:
         self._fetch_timeout = fetch_timeout_s
         self._clock = clock
         self._keys: dict[str, _Key] = {}
+        self._verified: OrderedDict[str, Principal] = OrderedDict()
         self._loaded = False
         self._last_refresh: float | None = None
         self._lock = asyncio.Lock()
@@ -169,6 +171,8 @@ class JwtVerifier:
             except Exception as e:  # network, JSON, shape: keep the old keys
                 log.warning("JWKS refresh failed: %s", e)
                 return False
+            if set(keys) != set(self._keys):
+                self._verified.clear()  # a retired (or revoked) key must not live on in the cache
             self._keys = keys
             self._loaded = True
             return True
@@ -190,6 +194,21 @@ class JwtVerifier:
     # ---- verification ---------------------------------------------------------------
 
     async def verify(self, token: str) -> Principal:
+        # Clients reuse a token for many calls: a verified token is remembered until
+        # it expires (bounded LRU), so the signature check runs once per token.
+        cached = self._verified.get(token) if isinstance(token, str) else None
+        if cached is not None and cached.expires_at > time.time():
+            self._verified.move_to_end(token)
+            return cached
+        principal = await self._verify(token)
+        self._verified[token] = principal
+        if len(self._verified) > self.VERIFIED_CACHE:
+            self._verified.popitem(last=False)
+        return principal
+
+    VERIFIED_CACHE = 10_000
+
+    async def _verify(self, token: str) -> Principal:
         if not isinstance(token, str) or not token:
             raise Unauthenticated("missing bearer token")
         if len(token) > self.max_token_bytes or len(token.encode("utf-8", "replace")) > self.max_token_bytes:
