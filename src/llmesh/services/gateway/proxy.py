@@ -97,15 +97,7 @@ class ProxyHandler(grpc.GenericRpcHandler):
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes | None:
             fwd = await self.admit(route, context, request)
             call = rpc(fwd.request(request), timeout=self._timeout(context), metadata=fwd.metadata)
-            try:
-                response = await call
-            except grpc.aio.AioRpcError as err:
-                await fwd.done(err.code(), None)
-                await _relay_error(context, err)
-                return None
-            await fwd.done(grpc.StatusCode.OK, response)
-            context.set_trailing_metadata(tuple(forwardable(await call.trailing_metadata())))
-            return fwd.response(response)
+            return await _answer(call, fwd, context)
 
         return handle
 
@@ -127,14 +119,7 @@ class ProxyHandler(grpc.GenericRpcHandler):
             first, rest = await _peek(requests)
             fwd = await self.admit(route, context, first)
             call = rpc(_mapped(first, rest, fwd.request), timeout=self._timeout(context), metadata=fwd.metadata)
-            try:
-                response = await call
-            except grpc.aio.AioRpcError as err:
-                await fwd.done(err.code(), None)
-                await _relay_error(context, err)
-                return None
-            await fwd.done(grpc.StatusCode.OK, response)
-            return fwd.response(response)
+            return await _answer(call, fwd, context)
 
         return handle
 
@@ -163,6 +148,19 @@ class ProxyHandler(grpc.GenericRpcHandler):
         finally:
             call.cancel()  # the client went away (or we are done): stop the upstream too
             await fwd.done(code, last)
+
+
+async def _answer(call, fwd: Forward, context: grpc.aio.ServicerContext) -> bytes | None:  # type: ignore[no-untyped-def]
+    """The single response of a unary-response call, or the upstream's status."""
+    try:
+        response = await call
+    except grpc.aio.AioRpcError as err:
+        await fwd.done(err.code(), None)
+        await _relay_error(context, err)
+        return None
+    await fwd.done(grpc.StatusCode.OK, response)
+    context.set_trailing_metadata(tuple(forwardable(await call.trailing_metadata())))
+    return fwd.response(response)
 
 
 async def _peek(requests: AsyncIterator[bytes]) -> tuple[bytes | None, AsyncIterator[bytes]]:
