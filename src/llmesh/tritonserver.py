@@ -7,7 +7,7 @@ starting, supervising and stopping the process is the caller's job.
 
 Traps handled here (see ``docs``/platform facts):
 
-* the server binds ``0.0.0.0`` by default: every address is pinned to ``127.0.0.1``;
+* the server binds every interface by default: every address is pinned to ``127.0.0.1``;
 * the Python backend stub finds ``python3`` through ``PATH`` and must load the same
   ``libpython`` as the running interpreter: ``PATH`` starts with ``sys.executable``'s bin
   directory and ``LD_LIBRARY_PATH`` holds the interpreter's ``LIBDIR``;
