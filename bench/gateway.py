@@ -22,10 +22,11 @@ from typing import Awaitable, Callable
 import grpc
 
 from llmesh.auth.signature import sign
-from llmesh.client import sampling
+from llmesh.client import OPERATOR, sampling
 from llmesh.inference.v1 import inference_pb2 as pb
 from llmesh.inference.v1 import inference_pb2_grpc as pb_grpc
 from llmesh.runtime.config import MeshConfig
+from llmesh.runtime.identity import IDENTITY_KEY, InternalIdentity, load_secret
 from llmesh.security.v1 import security_pb2 as spb
 from llmesh.security.v1 import security_pb2_grpc as spb_grpc
 
@@ -44,11 +45,13 @@ class Credentials:
         return [("authorization", f"Bearer {self.token}"), *sign(self.secret, method, body, key_id=self.key_id)]
 
 
-async def credentials(cfg: MeshConfig) -> Credentials:
+async def credentials(cfg: MeshConfig, identity: InternalIdentity) -> Credentials:
+    md = ((IDENTITY_KEY, identity.mint(OPERATOR)),)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{cfg.security.server.port}") as ch:
         sec = spb_grpc.SecurityStub(ch)
-        key = await sec.CreateApiKey(spb.CreateApiKeyRequest(owner="bench", tenant="bench", scopes=["inference:*"]), timeout=10)
-        tok = await sec.IssueToken(spb.IssueTokenRequest(key_id=key.key.key_id, secret=key.secret), timeout=10)
+        key = await sec.CreateApiKey(spb.CreateApiKeyRequest(owner="bench", tenant="bench", scopes=["inference:*"]),
+                                     timeout=10, metadata=md)
+        tok = await sec.IssueToken(spb.IssueTokenRequest(key_id=key.key.key_id, secret=key.secret), timeout=10, metadata=md)
     return Credentials(key.key.key_id, key.secret, tok.token)
 
 
@@ -80,7 +83,8 @@ async def throughput(call: Callable[[], Awaitable[None]], n: int, concurrency: i
 
 
 async def run(cfg: MeshConfig, n_unary: int, n_stream: int, concurrency: int) -> dict[str, dict[str, float]]:
-    creds = await credentials(cfg)
+    identity = InternalIdentity(load_secret(cfg.home))
+    creds = await credentials(cfg, identity)
     direct = grpc.aio.insecure_channel(f"127.0.0.1:{cfg.inference.server.port}")
     gateway = grpc.aio.insecure_channel(f"127.0.0.1:{cfg.gateway.server.port}")
     stubs = {"direct": pb_grpc.InferenceStub(direct), "gateway": pb_grpc.InferenceStub(gateway)}
@@ -89,13 +93,13 @@ async def run(cfg: MeshConfig, n_unary: int, n_stream: int, concurrency: int) ->
 
     def unary(path: str) -> Callable[[], Awaitable[None]]:
         async def call() -> None:
-            md = creds.metadata(LIST, list_req) if path == "gateway" else None
+            md = creds.metadata(LIST, list_req) if path == "gateway" else ((IDENTITY_KEY, identity.mint(OPERATOR)),)
             await stubs[path].ListTemplates(list_req, metadata=md, timeout=10)
         return call
 
     def stream(path: str, ttft: list[float]) -> Callable[[], Awaitable[None]]:
         async def call() -> None:
-            md = creds.metadata(STREAM, gen_req) if path == "gateway" else None
+            md = creds.metadata(STREAM, gen_req) if path == "gateway" else ((IDENTITY_KEY, identity.mint(OPERATOR)),)
             t0 = time.perf_counter()
             first = True
             async for _ in stubs[path].GenerateStream(gen_req, metadata=md, timeout=60):

@@ -28,10 +28,12 @@ import grpc
 import tritonclient.grpc.aio as triton
 from tritonclient.grpc import InferRequestedOutput
 
+from llmesh.client import OPERATOR
 from llmesh.client import sampling as sampling_pb
 from llmesh.inference.v1 import inference_pb2 as pb
 from llmesh.inference.v1 import inference_pb2_grpc as pb_grpc
 from llmesh.runtime.config import MeshConfig, load_config
+from llmesh.runtime.identity import IDENTITY_KEY, InternalIdentity, load_secret
 from llmesh.services.inference.llm_backend import OUTPUTS, GenerationInput, build_inputs
 from llmesh.services.inference.sampling import Sampling
 
@@ -84,12 +86,13 @@ def direct_call(client: triton.InferenceServerClient, model: str, max_tokens: in
     return call
 
 
-def service_call(stub: pb_grpc.InferenceStub, max_tokens: int) -> Call:
+def service_call(stub: pb_grpc.InferenceStub, max_tokens: int, identity: InternalIdentity) -> Call:
     async def call(i: int) -> Sample:
         req = pb.GenerateRequest(prompt=PROMPTS[i % len(PROMPTS)], sampling=sampling_pb(max_tokens=max_tokens, temperature=1.0, seed=i))
         t0 = time.perf_counter()
         ttft, tokens = None, 0
-        async for msg in stub.GenerateStream(req, timeout=300):
+        md = ((IDENTITY_KEY, identity.mint(OPERATOR)),)  # straight to the service, as the gateway would
+        async for msg in stub.GenerateStream(req, timeout=300, metadata=md):
             if ttft is None:
                 ttft = time.perf_counter() - t0
             if msg.finish_reason:
@@ -132,7 +135,7 @@ async def bench(cfg: MeshConfig, levels: list[int], requests: int, max_tokens: i
     client = triton.InferenceServerClient(cfg.inference.peers.triton)
     channel = grpc.aio.insecure_channel(f"{cfg.inference.server.host}:{cfg.inference.server.port}")
     stub = pb_grpc.InferenceStub(channel)
-    calls = {"direct": direct_call(client, cfg.inference.model, max_tokens), "service": service_call(stub, max_tokens)}
+    calls = {"direct": direct_call(client, cfg.inference.model, max_tokens), "service": service_call(stub, max_tokens, InternalIdentity(load_secret(cfg.home)))}
     metrics_url = f"http://127.0.0.1:{cfg.triton.metrics_port}/metrics"
     rows = []
     for c in levels:

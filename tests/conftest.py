@@ -13,6 +13,7 @@ from typing import Iterator
 import grpc
 import pytest
 
+from llmesh.client import local_channel
 from llmesh.runtime.config import MeshConfig, load_config
 from llmesh.sandbox import free_ports, make_random_adapter, write_config
 
@@ -63,7 +64,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
 
 @pytest.fixture(scope="session")
 def channel(mesh: Mesh) -> Iterator[grpc.Channel]:
-    ch = grpc.insecure_channel(mesh.address)
+    # Straight to the service, vouched for with the mesh's internal identity.
+    ch = local_channel(mesh.address, mesh.cfg.home)
     yield ch
     ch.close()
 

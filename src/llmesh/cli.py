@@ -145,7 +145,8 @@ def generate(
         req = pb.GenerateRequest(template=pb.TemplateInput(name=template, variables=_parse_vars(var)), sampling=s, adapter=adapter)
     else:
         req = pb.GenerateRequest(prompt=prompt or "", sampling=s, adapter=adapter)
-    client = InferenceClient(_address(_config(config), address))
+    cfg = _config(config)
+    client = InferenceClient(_address(cfg, address), cfg.home)
     try:
         if stream:
             last = None
@@ -200,7 +201,8 @@ def chat(
     """Chat with server-side memory (history kept per conversation id in Redis)."""
     from llmesh.client import InferenceClient
 
-    client = InferenceClient(_address(_config(config), address))
+    cfg = _config(config)
+    client = InferenceClient(_address(cfg, address), cfg.home)
     cid = conversation
     try:
         if message is not None:
@@ -231,7 +233,8 @@ def templates(address: AddressOpt = None, config: ConfigOpt = None) -> None:
     from llmesh.client import InferenceClient
     from llmesh.inference.v1 import inference_pb2 as pb
 
-    client = InferenceClient(_address(_config(config), address))
+    cfg = _config(config)
+    client = InferenceClient(_address(cfg, address), cfg.home)
     try:
         resp = client.stub.ListTemplates(pb.ListTemplatesRequest(), timeout=10)
     except grpc.RpcError as e:
@@ -254,8 +257,10 @@ def demo(config: ConfigOpt = None, timeout: Annotated[float, typer.Option(help="
 def _security(cfg: MeshConfig):  # type: ignore[no-untyped-def]
     from llmesh.security.v1 import security_pb2_grpc
 
+    from llmesh.client import local_channel
+
     s = cfg.security.server
-    return security_pb2_grpc.SecurityStub(grpc.insecure_channel(f"{s.host}:{s.port}"))
+    return security_pb2_grpc.SecurityStub(local_channel(f"{s.host}:{s.port}", cfg.home))
 
 
 @keys_app.command("create")

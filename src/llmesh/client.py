@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from pathlib import Path
+from typing import Any, Iterator
 
 import grpc
 from google.rpc import error_details_pb2
@@ -13,6 +14,10 @@ from llmesh.common.v1 import types_pb2
 from llmesh.inference.v1 import inference_pb2 as pb
 from llmesh.inference.v1 import inference_pb2_grpc as pb_grpc
 from llmesh.runtime.channels import channel_options
+from llmesh.runtime.identity import IDENTITY_KEY, InternalIdentity, Principal, load_secret
+
+# Who a local operator is when calling a service directly on this host.
+OPERATOR = Principal("local-operator", "system", frozenset({"*"}), frozenset({"admin"}))
 
 
 @dataclass(frozen=True)
@@ -58,9 +63,47 @@ def sampling(*, max_tokens: int | None = None, temperature: float | None = None,
     return s
 
 
+class _WithIdentity(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                    grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Attaches a fresh internal identity to every call (tokens live 60 s)."""
+
+    def __init__(self, identity: InternalIdentity, principal: Principal) -> None:
+        self.identity, self.principal = identity, principal
+
+    def _details(self, d: Any) -> Any:
+        md = [*(d.metadata or ()), (IDENTITY_KEY, self.identity.mint(self.principal))]
+        return d._replace(metadata=md) if hasattr(d, "_replace") else _Details(d, md)
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    intercept_unary_stream = intercept_unary_unary
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        return continuation(self._details(details), request_iterator)
+
+    intercept_stream_stream = intercept_stream_unary
+
+
+class _Details(grpc.ClientCallDetails):
+    def __init__(self, base: Any, metadata: list[tuple[str, str]]) -> None:
+        self.method, self.timeout, self.credentials = base.method, base.timeout, base.credentials
+        self.wait_for_ready = getattr(base, "wait_for_ready", None)
+        self.compression = getattr(base, "compression", None)
+        self.metadata = metadata
+
+
+def local_channel(address: str, home: Path, principal: Principal = OPERATOR) -> grpc.Channel:
+    """A channel straight to a service on this host, vouched for with the mesh's
+    internal secret (``LLMESH_HOME/security/internal.key``): for operators' tools on
+    the same machine. Everyone else goes through the gateway."""
+    channel = grpc.insecure_channel(address, options=channel_options())
+    return grpc.intercept_channel(channel, _WithIdentity(InternalIdentity(load_secret(home)), principal))
+
+
 class InferenceClient:
-    def __init__(self, address: str, timeout: float = 120.0) -> None:
-        self.channel = grpc.insecure_channel(address, options=channel_options())
+    def __init__(self, address: str, home: Path, timeout: float = 120.0) -> None:
+        self.channel = local_channel(address, home)
         self.stub = pb_grpc.InferenceStub(self.channel)
         self.timeout = timeout
 

@@ -48,7 +48,7 @@ def run_demo(cfg: MeshConfig, config_path: Path | None, timeout: float) -> int:
         return 1
     control.render_status(control.status(cfg))
     address = f"{cfg.inference.server.host}:{cfg.inference.server.port}"
-    client = InferenceClient(address)
+    client = InferenceClient(address, cfg.home)
     try:
         _section("streamed generation (GenerateStream)")
         prompt = "如何重置密码?"

@@ -13,7 +13,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from llmesh.auth.signature import sign
 from llmesh.auth_client import ApiKey, SigningInterceptor, TokenSource
-from llmesh.client import sampling
+from llmesh.client import local_channel, sampling
 from llmesh.inference.v1 import inference_pb2 as pb
 from llmesh.inference.v1 import inference_pb2_grpc as pb_grpc
 from llmesh.security.v1 import security_pb2 as spb
@@ -24,7 +24,7 @@ GENERATE = "/llmesh.inference.v1.Inference/Generate"
 
 
 def _security(mesh: Mesh) -> spb_grpc.SecurityStub:
-    return spb_grpc.SecurityStub(grpc.insecure_channel(f"127.0.0.1:{mesh.cfg.security.server.port}"))
+    return spb_grpc.SecurityStub(local_channel(f"127.0.0.1:{mesh.cfg.security.server.port}", mesh.cfg.home))
 
 
 def _key(mesh: Mesh, scopes: list[str]) -> tuple[ApiKey, str]:
@@ -112,7 +112,7 @@ def test_attacks_are_refused(mesh: Mesh, gateway: grpc.Channel, creds: tuple[Api
 
 def test_pii_is_masked_before_the_model_and_audited_without_values(mesh: Mesh, signed: pb_grpc.InferenceStub) -> None:
     reply = signed.Chat(pb.ChatRequest(message="我的手机是13812348000,邮箱zhang.san@example.com", sampling=sampling(max_tokens=3)), timeout=30)
-    direct = pb_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{mesh.cfg.inference.server.port}"))
+    direct = pb_grpc.InferenceStub(local_channel(mesh.address, mesh.cfg.home))
     stored = direct.GetConversation(pb.GetConversationRequest(conversation_id=reply.conversation_id), timeout=10)
     user_turn = stored.messages[0].content
     assert "13812348000" not in user_turn and "<PHONE_1>" in user_turn and "<EMAIL_1>" in user_turn

@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from google.protobuf.descriptor_pool import DescriptorPool
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from llmesh.client import sampling
+from llmesh.client import local_channel, sampling
 from llmesh.inference.v1 import inference_pb2 as pb
 from llmesh.inference.v1 import inference_pb2_grpc
 from tests.conftest import Mesh, free_ports
@@ -64,7 +64,7 @@ def start_service(mesh: Mesh, **env_extra: str) -> tuple[subprocess.Popen, grpc.
            "LLMESH__INFERENCE__SERVER__METRICS_PORT": "0", **env_extra}
     proc = subprocess.Popen([sys.executable, "-m", "llmesh.services.inference"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    channel = local_channel(f"127.0.0.1:{port}", mesh.cfg.home)
     health = health_pb2_grpc.HealthStub(channel)
     deadline = time.monotonic() + 60
     while True:
@@ -148,9 +148,28 @@ def test_message_size_limit_is_enforced(mesh: Mesh, stub) -> None:  # type: igno
 def test_the_security_service_runs_in_the_mesh(mesh: Mesh) -> None:
     from llmesh.security.v1 import security_pb2, security_pb2_grpc
 
-    with grpc.insecure_channel(f"127.0.0.1:{mesh.cfg.security.server.port}") as ch:
+    with local_channel(f"127.0.0.1:{mesh.cfg.security.server.port}", mesh.cfg.home) as ch:
         health = health_pb2_grpc.HealthStub(ch)
         assert health.Check(health_pb2.HealthCheckRequest(service="llmesh.security.v1.Security"), timeout=5).status == \
             health_pb2.HealthCheckResponse.SERVING
         jwks = security_pb2_grpc.SecurityStub(ch).GetJwks(security_pb2.GetJwksRequest(), timeout=5)
         assert '"keys"' in jwks.jwks_json
+
+
+def test_services_refuse_calls_that_bypass_the_gateway(mesh: Mesh) -> None:
+    from llmesh.runtime.identity import IDENTITY_KEY, InternalIdentity, Principal
+    from llmesh.security.v1 import security_pb2, security_pb2_grpc
+
+    forged = InternalIdentity(b"x" * 32).mint(Principal("mallory", "acme", frozenset({"*"})))
+    for md in ((), ((IDENTITY_KEY, "garbage"),), ((IDENTITY_KEY, forged),)):
+        with grpc.insecure_channel(mesh.address) as ch:
+            with pytest.raises(grpc.RpcError) as e:
+                inference_pb2_grpc.InferenceStub(ch).ListTemplates(pb.ListTemplatesRequest(), metadata=md, timeout=5)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.RpcError) as e:
+                list(inference_pb2_grpc.InferenceStub(ch).GenerateStream(pb.GenerateRequest(prompt="x"), metadata=md, timeout=5))
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with grpc.insecure_channel(f"127.0.0.1:{mesh.cfg.security.server.port}") as ch:
+            with pytest.raises(grpc.RpcError) as e:
+                security_pb2_grpc.SecurityStub(ch).ListApiKeys(security_pb2.ListApiKeysRequest(), metadata=md, timeout=5)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -465,7 +465,14 @@ async def test_module_entry_point_serves_health(tmp_path: Path) -> None:
                 assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
                 await asyncio.sleep(0.1)
             assert status == health_pb2.HealthCheckResponse.SERVING
-            jwks = await pb_grpc.SecurityStub(ch).GetJwks(pb.GetJwksRequest(), timeout=5)
+            from llmesh.client import OPERATOR
+            from llmesh.runtime.identity import IDENTITY_KEY, InternalIdentity, load_secret
+
+            with pytest.raises(grpc.aio.AioRpcError) as refused:  # the service requires the gateway's identity
+                await pb_grpc.SecurityStub(ch).GetJwks(pb.GetJwksRequest(), timeout=5)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            md = ((IDENTITY_KEY, InternalIdentity(load_secret(tmp_path)).mint(OPERATOR)),)
+            jwks = await pb_grpc.SecurityStub(ch).GetJwks(pb.GetJwksRequest(), timeout=5, metadata=md)
             assert json.loads(jwks.jwks_json)["keys"]
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from llmesh.runtime.config import ServerSettings
+from llmesh.runtime.identity import IdentityInterceptor, InternalIdentity
 from llmesh.runtime.interceptors import ErrorMappingInterceptor
 from llmesh.runtime.logs import setup_logging
 from llmesh.runtime.telemetry import setup_tracing, start_metrics
@@ -44,6 +45,8 @@ class Service:
     warmup: Callable[[], Awaitable[None]] | None = None
     # Releases resources (channels, pools) after the server stopped.
     close: Callable[[], Awaitable[None]] | None = None
+    # When set, every RPC but health and reflection needs the gateway's internal identity.
+    identity: InternalIdentity | None = None
     options: list[tuple[str, object]] = field(default_factory=list)
 
 
@@ -93,7 +96,8 @@ async def run(svc: Service) -> None:
     tracer_provider = setup_tracing(svc.name)
     start_metrics(s.host, s.metrics_port)
     server = grpc.aio.server(
-        interceptors=[_TraceInterceptor(), ErrorMappingInterceptor()],
+        interceptors=[_TraceInterceptor(), *([IdentityInterceptor(svc.identity)] if svc.identity else []),
+                      ErrorMappingInterceptor()],
         options=server_options(s) + svc.options,
     )
     descriptors = svc.register(server)

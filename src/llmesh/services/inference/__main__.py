@@ -9,6 +9,7 @@ import grpc
 from llmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from llmesh.runtime import server
 from llmesh.runtime.config import load_config
+from llmesh.runtime.identity import InternalIdentity, load_secret
 from llmesh.services.inference.llm_backend import GenerationInput, LlmBackend
 from llmesh.services.inference.memory import ChatMemory
 from llmesh.services.inference.sampling import Sampling
@@ -17,7 +18,8 @@ from llmesh.services.inference.templates import TemplateLibrary
 
 
 def build() -> server.Service:
-    cfg = load_config().inference
+    mesh = load_config()
+    cfg = mesh.inference
     llm = LlmBackend(cfg.peers.triton, cfg.model)
     memory = ChatMemory.from_url(cfg.peers.redis, max_messages=cfg.chat_max_messages, ttl_seconds=cfg.chat_ttl_seconds)
     templates = TemplateLibrary.load(Path(cfg.templates_path) if cfg.templates_path else None)
@@ -37,7 +39,8 @@ def build() -> server.Service:
         await llm.close()
         await memory.close()
 
-    return server.Service("inference", cfg.server, register, warmup, close)
+    identity = InternalIdentity(load_secret(mesh.home))
+    return server.Service("inference", cfg.server, register, warmup, close, identity=identity)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import grpc
 
 from llmesh.runtime import server
 from llmesh.runtime.config import MeshConfig, load_config
+from llmesh.runtime.identity import InternalIdentity, load_secret
 from llmesh.security.v1 import security_pb2, security_pb2_grpc
 from llmesh.services.security.server import SecurityServicer
 
@@ -23,7 +24,8 @@ def build(mesh: MeshConfig | None = None) -> server.Service:
         security_pb2_grpc.add_SecurityServicer_to_server(servicer, s)
         return [security_pb2.DESCRIPTOR.services_by_name["Security"]]
 
-    return server.Service("security", cfg.server, register, servicer.start, servicer.close)
+    identity = InternalIdentity(load_secret(mesh.home))
+    return server.Service("security", cfg.server, register, servicer.start, servicer.close, identity=identity)
 
 
 if __name__ == "__main__":
