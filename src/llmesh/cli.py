@@ -21,6 +21,8 @@ app = typer.Typer(help="llmesh: serve, adapt and safely expose large models over
                   pretty_exceptions_enable=False)
 models_app = typer.Typer(help="Demo models under LLMESH_HOME/models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+audit_app = typer.Typer(help="The tamper-evident audit log (security service).", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
 keys_app = typer.Typer(help="API keys (operators; talks to the security service on loopback).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 console = Console()
@@ -313,6 +315,41 @@ def keys_revoke(key_id: str, config: ConfigOpt = None) -> None:
     except grpc.RpcError as e:
         _fail(e)
     print(f"revoked {key_id}")
+
+
+@audit_app.command("verify")
+def audit_verify(config: ConfigOpt = None) -> None:
+    """Recompute the audit hash chain; exit 1 and name the first bad record if it was tampered with."""
+    from llmesh.security.v1 import security_pb2 as spb
+
+    try:
+        r = _security(_config(config)).VerifyAuditChain(spb.VerifyAuditChainRequest(), timeout=60)
+    except grpc.RpcError as e:
+        _fail(e)
+    if r.intact:
+        print(f"intact: {r.records} records")
+        return
+    print(f"TAMPERED: first bad record {r.first_bad_sequence} of {r.records}: {r.detail}")
+    raise typer.Exit(1)
+
+
+@audit_app.command("query")
+def audit_query(
+    actor: Annotated[str, typer.Option(help="Only this principal.")] = "",
+    action: Annotated[str, typer.Option(help="Only this method, e.g. /llmesh.inference.v1.Inference/Chat.")] = "",
+    limit: Annotated[int, typer.Option(help="At most this many records.")] = 20,
+    config: ConfigOpt = None,
+) -> None:
+    """Show audit records (masked summaries only: the log never holds raw PII)."""
+    from llmesh.security.v1 import security_pb2 as spb
+
+    try:
+        r = _security(_config(config)).QueryAudit(spb.QueryAuditRequest(actor=actor, action=action, limit=limit), timeout=30)
+    except grpc.RpcError as e:
+        _fail(e)
+    for rec in r.records:
+        attrs = " ".join(f"{k}={v}" for k, v in sorted(rec.attributes.items()))
+        print(f"{rec.sequence:>6} {rec.time.ToJsonString()} {rec.actor} {rec.action} {rec.outcome} {attrs}")
 
 
 @app.command()

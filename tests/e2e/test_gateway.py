@@ -144,6 +144,8 @@ def test_cli_keys_and_token(mesh: Mesh) -> None:
     jwt_token = cli("token", "--key-id", created["key_id"], "--secret", created["secret"]).strip()
     assert jwt_token.count(".") == 2
     cli("keys", "revoke", created["key_id"])
+    assert cli("audit", "verify").startswith("intact:")
+    assert "/llmesh.inference.v1.Inference/" in cli("audit", "query", "--limit", "5")
     out = subprocess.run([sys.executable, "-m", "llmesh.cli", "token", "--key-id", created["key_id"], "--secret",
                           created["secret"], "--config", str(mesh.config_path)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "FAILED_PRECONDITION" in out.stderr
