@@ -148,7 +148,7 @@ def main() -> None:
 
     OUT.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="llmesh-bench-") as tmp, \
-            ephemeral_mesh(Path(tmp), extra={"gateway": {"rate_limits": HIGH, "tokens_per_minute": 100_000_000}}) as (cfg, _):
+            ephemeral_mesh(Path(tmp), {"gateway": {"rate_limits": HIGH, "tokens_per_minute": 100_000_000}}) as (cfg, _):
         results = asyncio.run(run(cfg, args.unary, args.streams, args.concurrency))
     report(results, args.concurrency)
     (OUT / "gateway.json").write_text(json.dumps(results, indent=2))

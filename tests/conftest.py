@@ -47,7 +47,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     for k in [k for k in os.environ if k.startswith("LLMESH")]:
         del os.environ[k]  # the test mesh is configured only by its own file
     home = tmp_path_factory.mktemp("llmesh-home")
-    path = write_config(home, TEST_SETTINGS)
+    path = write_config(home, {"inference": TEST_SETTINGS})
     cfg = load_config(path)
     init_models(cfg.home)
     make_random_adapter(cfg.llm_path, cfg.adapter_dir / TEST_ADAPTER)

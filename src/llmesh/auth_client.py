@@ -4,15 +4,13 @@ Works as a sync gRPC channel interceptor, so any generated stub uses it unchange
 
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
-
-import grpc
+from typing import Callable
 
 from llmesh.auth.signature import sign
+from llmesh.client import MetadataInterceptor
 
 
 @dataclass(frozen=True)
@@ -38,48 +36,17 @@ class TokenSource:
             return self._token
 
 
-class _Details(grpc.ClientCallDetails):
-    def __init__(self, base: grpc.ClientCallDetails, metadata: list[tuple[str, str]]) -> None:
-        self.method = base.method
-        self.timeout = base.timeout
-        self.credentials = base.credentials
-        self.wait_for_ready = getattr(base, "wait_for_ready", None)
-        self.compression = getattr(base, "compression", None)
-        self.metadata = metadata
-
-
-class SigningInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                         grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+class SigningInterceptor(MetadataInterceptor):
     """Adds ``authorization: Bearer <jwt>`` and the signature metadata to every call.
     Client streams sign their first message (see ``llmesh.auth.signature``): the call
     starts once that message exists."""
+
+    needs_body = True
 
     def __init__(self, key: ApiKey, tokens: TokenSource | None) -> None:
         self.key = key
         self.tokens = tokens
 
-    def _details(self, details: grpc.ClientCallDetails, body: bytes) -> _Details:
-        md = list(details.metadata or [])
-        if self.tokens is not None:
-            md.append(("authorization", f"Bearer {self.tokens.token()}"))
-        md += sign(self.key.secret.encode(), details.method, body, key_id=self.key.key_id)
-        return _Details(details, md)
-
-    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return continuation(self._details(details, request.SerializeToString()), request)
-
-    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return continuation(self._details(details, request.SerializeToString()), request)
-
-    def _first(self, details: Any, request_iterator: Any) -> tuple[_Details, Iterator[Any]]:
-        it = iter(request_iterator)
-        first = next(it, None)
-        body = b"" if first is None else first.SerializeToString()
-        rest = it if first is None else itertools.chain([first], it)
-        return self._details(details, body), rest
-
-    def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
-        return continuation(*self._first(details, request_iterator))
-
-    def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
-        return continuation(*self._first(details, request_iterator))
+    def extra(self, method: str, body: bytes) -> list[tuple[str, str]]:
+        md = [("authorization", f"Bearer {self.tokens.token()}")] if self.tokens is not None else []
+        return md + sign(self.key.secret.encode(), method, body, key_id=self.key.key_id)

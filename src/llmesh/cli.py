@@ -256,13 +256,18 @@ def demo(config: ConfigOpt = None, timeout: Annotated[float, typer.Option(help="
     raise typer.Exit(run_demo(_config(config), config, timeout))
 
 
-def _security(cfg: MeshConfig):  # type: ignore[no-untyped-def]
+def _security(config: Path | None, rpc: str, request: object, timeout: float = 10):  # type: ignore[no-untyped-def]
+    """One call to the security service on this host; a failure exits with its status."""
+    from llmesh.client import local_channel
     from llmesh.security.v1 import security_pb2_grpc
 
-    from llmesh.client import local_channel
-
+    cfg = _config(config)
     s = cfg.security.server
-    return security_pb2_grpc.SecurityStub(local_channel(f"{s.host}:{s.port}", cfg.home))
+    stub = security_pb2_grpc.SecurityStub(local_channel(f"{s.host}:{s.port}", cfg.home))
+    try:
+        return getattr(stub, rpc)(request, timeout=timeout)
+    except grpc.RpcError as e:
+        _fail(e)
 
 
 @keys_app.command("create")
@@ -277,11 +282,8 @@ def keys_create(
     """Create an API key; the secret is printed once."""
     from llmesh.security.v1 import security_pb2 as spb
 
-    try:
-        r = _security(_config(config)).CreateApiKey(
-            spb.CreateApiKeyRequest(owner=owner, tenant=tenant, scopes=scope, roles=role, ttl_days=ttl_days), timeout=10)
-    except grpc.RpcError as e:
-        _fail(e)
+    request = spb.CreateApiKeyRequest(owner=owner, tenant=tenant, scopes=scope, roles=role, ttl_days=ttl_days)
+    r = _security(config, "CreateApiKey", request)
     print(f"key_id={r.key.key_id}")
     print(f"secret={r.secret}")
     err.print("[yellow]the secret is shown only now: store it safely[/yellow]")
@@ -294,10 +296,7 @@ def keys_list(owner: Annotated[str, typer.Option(help="Only this owner's keys.")
 
     from llmesh.security.v1 import security_pb2 as spb
 
-    try:
-        r = _security(_config(config)).ListApiKeys(spb.ListApiKeysRequest(owner=owner), timeout=10)
-    except grpc.RpcError as e:
-        _fail(e)
+    r = _security(config, "ListApiKeys", spb.ListApiKeysRequest(owner=owner))
     table = Table("owner", "tenant", "scopes", "roles", "revoked")
     table.columns.insert(0, Column("key_id", no_wrap=True, min_width=35))
     for k in r.keys:
@@ -310,10 +309,7 @@ def keys_revoke(key_id: str, config: ConfigOpt = None) -> None:
     """Revoke an API key (the gateway refuses it within its 30 s secret cache)."""
     from llmesh.security.v1 import security_pb2 as spb
 
-    try:
-        _security(_config(config)).RevokeApiKey(spb.RevokeApiKeyRequest(key_id=key_id), timeout=10)
-    except grpc.RpcError as e:
-        _fail(e)
+    _security(config, "RevokeApiKey", spb.RevokeApiKeyRequest(key_id=key_id))
     print(f"revoked {key_id}")
 
 
@@ -322,10 +318,7 @@ def audit_verify(config: ConfigOpt = None) -> None:
     """Recompute the audit hash chain; exit 1 and name the first bad record if it was tampered with."""
     from llmesh.security.v1 import security_pb2 as spb
 
-    try:
-        r = _security(_config(config)).VerifyAuditChain(spb.VerifyAuditChainRequest(), timeout=60)
-    except grpc.RpcError as e:
-        _fail(e)
+    r = _security(config, "VerifyAuditChain", spb.VerifyAuditChainRequest(), timeout=60)
     if r.intact:
         print(f"intact: {r.records} records")
         return
@@ -343,10 +336,7 @@ def audit_query(
     """Show audit records (masked summaries only: the log never holds raw PII)."""
     from llmesh.security.v1 import security_pb2 as spb
 
-    try:
-        r = _security(_config(config)).QueryAudit(spb.QueryAuditRequest(actor=actor, action=action, limit=limit), timeout=30)
-    except grpc.RpcError as e:
-        _fail(e)
+    r = _security(config, "QueryAudit", spb.QueryAuditRequest(actor=actor, action=action, limit=limit), timeout=30)
     for rec in r.records:
         attrs = " ".join(f"{k}={v}" for k, v in sorted(rec.attributes.items()))
         print(f"{rec.sequence:>6} {rec.time.ToJsonString()} {rec.actor} {rec.action} {rec.outcome} {attrs}")
@@ -362,10 +352,7 @@ def token(
     """Exchange an API key for a short-lived JWT (printed on stdout)."""
     from llmesh.security.v1 import security_pb2 as spb
 
-    try:
-        r = _security(_config(config)).IssueToken(spb.IssueTokenRequest(key_id=key_id, secret=secret, scopes=scope), timeout=10)
-    except grpc.RpcError as e:
-        _fail(e)
+    r = _security(config, "IssueToken", spb.IssueTokenRequest(key_id=key_id, secret=secret, scopes=scope))
     print(r.token)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -63,34 +64,54 @@ def sampling(*, max_tokens: int | None = None, temperature: float | None = None,
     return s
 
 
-class _WithIdentity(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                    grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
-    """Attaches a fresh internal identity to every call (tokens live 60 s)."""
-
-    def __init__(self, identity: InternalIdentity, principal: Principal) -> None:
-        self.identity, self.principal = identity, principal
-
-    def _details(self, d: Any) -> Any:
-        md = [*(d.metadata or ()), (IDENTITY_KEY, self.identity.mint(self.principal))]
-        return d._replace(metadata=md) if hasattr(d, "_replace") else _Details(d, md)
-
-    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return continuation(self._details(details), request)
-
-    intercept_unary_stream = intercept_unary_unary
-
-    def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
-        return continuation(self._details(details), request_iterator)
-
-    intercept_stream_stream = intercept_stream_unary
-
-
 class _Details(grpc.ClientCallDetails):
     def __init__(self, base: Any, metadata: list[tuple[str, str]]) -> None:
         self.method, self.timeout, self.credentials = base.method, base.timeout, base.credentials
         self.wait_for_ready = getattr(base, "wait_for_ready", None)
         self.compression = getattr(base, "compression", None)
         self.metadata = metadata
+
+
+class MetadataInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                          grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds per-call metadata to every RPC shape. Subclasses implement ``extra`` from the
+    method and the serialized first request (``needs_body``: a client stream's first
+    message is read before the call starts)."""
+
+    needs_body = False
+
+    def extra(self, method: str, body: bytes) -> list[tuple[str, str]]:
+        raise NotImplementedError
+
+    def _details(self, details: Any, body: bytes) -> _Details:
+        return _Details(details, [*(details.metadata or ()), *self.extra(details.method, body)])
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        body = request.SerializeToString() if self.needs_body else b""
+        return continuation(self._details(details, body), request)
+
+    intercept_unary_stream = intercept_unary_unary
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        if not self.needs_body:
+            return continuation(self._details(details, b""), request_iterator)
+        it = iter(request_iterator)
+        first = next(it, None)
+        body = b"" if first is None else first.SerializeToString()
+        rest = it if first is None else itertools.chain([first], it)
+        return continuation(self._details(details, body), rest)
+
+    intercept_stream_stream = intercept_stream_unary
+
+
+class _WithIdentity(MetadataInterceptor):
+    """Attaches a fresh internal identity to every call (tokens live 60 s)."""
+
+    def __init__(self, identity: InternalIdentity, principal: Principal) -> None:
+        self.identity, self.principal = identity, principal
+
+    def extra(self, method: str, body: bytes) -> list[tuple[str, str]]:
+        return [(IDENTITY_KEY, self.identity.mint(self.principal))]
 
 
 def local_channel(address: str, home: Path, principal: Principal = OPERATOR) -> grpc.Channel:

@@ -26,8 +26,9 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def write_config(home: Path, inference: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Path:
-    """A config file for a mesh living in ``home`` on fresh ports."""
+def write_config(home: Path, overrides: dict[str, dict[str, Any]] | None = None) -> Path:
+    """A config file for a mesh living in ``home`` on fresh ports; ``overrides`` adds
+    or replaces keys per section, e.g. ``{"inference": {"chat_ttl_seconds": 4}}``."""
     redis_port, t_http, t_grpc, t_metrics, inf_port, inf_metrics, sec_port, sec_metrics, gw_port, gw_metrics = free_ports(10)
     doc = {
         "home": str(home),
@@ -43,10 +44,9 @@ def write_config(home: Path, inference: dict[str, Any] | None = None, extra: dic
         "inference": {
             "server": {"port": inf_port, "metrics_port": inf_metrics, "grace_seconds": 10},
             "peers": {"triton": f"127.0.0.1:{t_grpc}", "redis": f"redis://127.0.0.1:{redis_port}/0"},
-            **(inference or {}),
         },
     }
-    for section, values in (extra or {}).items():
+    for section, values in (overrides or {}).items():
         doc[section] = {**doc.get(section, {}), **values}
     path = home / "llmesh.yaml"
     path.write_text(yaml.safe_dump(doc))
@@ -68,14 +68,14 @@ def make_random_adapter(base: Path, dest: Path, seed: int = 1234) -> None:
 
 
 @contextlib.contextmanager
-def ephemeral_mesh(home: Path, inference: dict[str, Any] | None = None, timeout: float = 300,
-                   extra: dict[str, Any] | None = None) -> Iterator[tuple[MeshConfig, Path]]:
+def ephemeral_mesh(home: Path, overrides: dict[str, dict[str, Any]] | None = None,
+                   timeout: float = 300) -> Iterator[tuple[MeshConfig, Path]]:
     """Build the demo models in ``home``, bring the mesh up, yield, bring it down."""
     from llmesh.launcher import control
     from llmesh.models.demo import init_models
 
     home.mkdir(parents=True, exist_ok=True)
-    path = write_config(home, inference, extra)
+    path = write_config(home, overrides)
     cfg = load_config(path, env={})
     init_models(cfg.home)
     try:
