@@ -12,10 +12,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from llmesh.auth.signature import sign
-from llmesh.auth_client import ApiKey, SigningInterceptor, TokenSource
+from llmesh.auth_client import ApiKey, SigningInterceptor, TokenSource, gateway_channel
 from llmesh.client import local_channel, sampling
 from llmesh.inference.v1 import inference_pb2 as pb
 from llmesh.inference.v1 import inference_pb2_grpc as pb_grpc
+from llmesh.runtime.identity import Principal
 from llmesh.security.v1 import security_pb2 as spb
 from llmesh.security.v1 import security_pb2_grpc as spb_grpc
 from tests.conftest import Mesh
@@ -27,9 +28,9 @@ def _security(mesh: Mesh) -> spb_grpc.SecurityStub:
     return spb_grpc.SecurityStub(local_channel(f"127.0.0.1:{mesh.cfg.security.server.port}", mesh.cfg.home))
 
 
-def _key(mesh: Mesh, scopes: list[str]) -> tuple[ApiKey, str]:
+def _key(mesh: Mesh, scopes: list[str], tenant: str = "acme") -> tuple[ApiKey, str]:
     sec = _security(mesh)
-    created = sec.CreateApiKey(spb.CreateApiKeyRequest(owner="app", tenant="acme", scopes=scopes), timeout=10)
+    created = sec.CreateApiKey(spb.CreateApiKeyRequest(owner="app", tenant=tenant, scopes=scopes), timeout=10)
     key = ApiKey(created.key.key_id, created.secret)
     token = sec.IssueToken(spb.IssueTokenRequest(key_id=key.key_id, secret=key.secret), timeout=10).token
     return key, token
@@ -112,7 +113,9 @@ def test_attacks_are_refused(mesh: Mesh, gateway: grpc.Channel, creds: tuple[Api
 
 def test_pii_is_masked_before_the_model_and_audited_without_values(mesh: Mesh, signed: pb_grpc.InferenceStub) -> None:
     reply = signed.Chat(pb.ChatRequest(message="我的手机是13812348000,邮箱zhang.san@example.com", sampling=sampling(max_tokens=3)), timeout=30)
-    direct = pb_grpc.InferenceStub(local_channel(mesh.address, mesh.cfg.home))
+    # Read straight from the service as someone of the same tenant: what the model saw.
+    acme = Principal("auditor", "acme", frozenset({"inference:*"}))
+    direct = pb_grpc.InferenceStub(local_channel(mesh.address, mesh.cfg.home, acme))
     stored = direct.GetConversation(pb.GetConversationRequest(conversation_id=reply.conversation_id), timeout=10)
     user_turn = stored.messages[0].content
     assert "13812348000" not in user_turn and "<PHONE_1>" in user_turn and "<EMAIL_1>" in user_turn
@@ -149,3 +152,46 @@ def test_cli_keys_and_token(mesh: Mesh) -> None:
     out = subprocess.run([sys.executable, "-m", "llmesh.cli", "token", "--key-id", created["key_id"], "--secret",
                           created["secret"], "--config", str(mesh.config_path)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "FAILED_PRECONDITION" in out.stderr
+
+
+def test_tenants_cannot_see_each_others_conversations(mesh: Mesh, signed: pb_grpc.InferenceStub) -> None:
+    reply = signed.Chat(pb.ChatRequest(message="private", sampling=sampling(max_tokens=2)), timeout=30)
+    cid = reply.conversation_id
+    assert signed.GetConversation(pb.GetConversationRequest(conversation_id=cid), timeout=10).messages
+    other, _ = _key(mesh, ["inference:*"], tenant="globex")
+    stranger = pb_grpc.InferenceStub(gateway_channel(f"127.0.0.1:{mesh.cfg.gateway.server.port}", other))
+    with pytest.raises(grpc.RpcError) as e:
+        stranger.GetConversation(pb.GetConversationRequest(conversation_id=cid), timeout=10)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    # Deleting it as the other tenant deletes nothing; the owner still has it.
+    assert not stranger.DeleteConversation(pb.DeleteConversationRequest(conversation_id=cid), timeout=10).deleted
+    assert signed.GetConversation(pb.GetConversationRequest(conversation_id=cid), timeout=10).messages
+
+
+def test_sdk_fetches_and_refreshes_tokens_through_the_gateway(mesh: Mesh) -> None:
+    key, _ = _key(mesh, ["inference:read"])
+    channel = gateway_channel(f"127.0.0.1:{mesh.cfg.gateway.server.port}", key, ttl_s=2, refresh_margin_s=30)
+    stub = pb_grpc.InferenceStub(channel)
+    tokens = channel._interceptor.tokens  # type: ignore[attr-defined]
+    assert stub.ListTemplates(pb.ListTemplatesRequest(), timeout=10).templates
+    assert tokens.fetches == 1
+    time.sleep(1.2)  # past half of the 2 s lifetime: the next call refreshes first
+    assert stub.ListTemplates(pb.ListTemplatesRequest(), timeout=10).templates
+    assert tokens.fetches == 2
+    time.sleep(2.5)  # the first token has expired by now; calls still pass
+    assert stub.ListTemplates(pb.ListTemplatesRequest(), timeout=10).templates
+
+
+def test_services_enforce_the_method_scope_themselves(mesh: Mesh) -> None:
+    """Defence in depth: a valid internal identity without the method's scope is refused
+    by the service itself, not only by the gateway."""
+    weak = Principal("someone", "acme", frozenset({"inference:read"}))
+    sec = spb_grpc.SecurityStub(local_channel(f"127.0.0.1:{mesh.cfg.security.server.port}", mesh.cfg.home, weak))
+    with pytest.raises(grpc.RpcError) as e:
+        sec.CreateApiKey(spb.CreateApiKeyRequest(owner="x", tenant="acme", scopes=["*"]), timeout=10)
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and "security:admin" in (e.value.details() or "")
+    inf = pb_grpc.InferenceStub(local_channel(mesh.address, mesh.cfg.home, weak))
+    assert inf.ListTemplates(pb.ListTemplatesRequest(), timeout=10).templates
+    with pytest.raises(grpc.RpcError) as e:
+        inf.Generate(pb.GenerateRequest(prompt="hi", sampling=sampling(max_tokens=2)), timeout=10)
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED

@@ -18,7 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from llmesh.runtime.errors import PermissionDenied, Unauthenticated, Unavailable
-from llmesh.services.gateway.authn import JwtVerifier, Principal, authorize, has_scope
+from llmesh.auth.policy import authorize, has_scope
+from llmesh.services.gateway.authn import JwtVerifier, Principal
 
 ISS = "https://id.llmesh.test"
 AUD = "llmesh-gateway"

@@ -60,5 +60,29 @@ async def test_services_refuse_calls_without_identity(tmp_path: Path) -> None:
             with pytest.raises(grpc.aio.AioRpcError) as e:  # streaming shapes are refused too
                 [m async for m in stub.GenerateStream(pb.GenerateRequest(prompt="x"), timeout=5)]
             assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            # A valid identity without the method's scope (inference:generate) is refused.
+            reader = Principal("bob", "acme", frozenset({"inference:read"}))
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await stub.Generate(pb.GenerateRequest(prompt="x"), metadata=((IDENTITY_KEY, ident.mint(reader)),), timeout=5)
+            assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
     finally:
         await server.stop(None)
+
+
+def test_policy_comes_from_the_proto_options() -> None:
+    from llmesh.auth.policy import policy_for
+
+    p = policy_for("/llmesh.inference.v1.Inference/Generate")
+    assert p is not None and p.scope == "inference:generate" and not p.anonymous
+    assert policy_for("/llmesh.inference.v1.Inference/Nope") is None
+    assert policy_for("not-a-path") is None
+
+
+def test_tokens_are_reused_and_verifications_cached(tmp_path: Path) -> None:
+    ident = InternalIdentity(load_secret(tmp_path))
+    first = ident.mint(ALICE)
+    assert ident.mint(ALICE) == first  # re-minted only after half the lifetime
+    assert ident.mint(Principal("bob", "acme")) != first
+    assert ident.verify(first) == ALICE and ident.verify(first) == ALICE
+    with pytest.raises(Unauthenticated):  # a cached good token does not vouch for a tampered one
+        ident.verify(first[:-2] + ("AA" if not first.endswith("AA") else "BB"))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import secrets
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable
@@ -20,7 +21,8 @@ from typing import Awaitable, Callable
 import grpc
 import jwt
 
-from llmesh.runtime.errors import Unauthenticated
+from llmesh.auth import policy
+from llmesh.runtime.errors import PermissionDenied, Unauthenticated
 
 IDENTITY_KEY = "x-llmesh-identity"
 ISSUER = "llmesh-gateway"
@@ -58,22 +60,44 @@ def load_secret(home: Path) -> bytes:
 
 
 class InternalIdentity:
+    """Mints and verifies internal identity tokens. Both sides cache: a principal's
+    token is reused until half its lifetime is gone, and a verified token is
+    remembered until it expires, so a busy caller pays for HMAC and JSON once per
+    ~30 s instead of on every call (bounded LRUs; see ``CACHE``)."""
+
+    CACHE = 4096
+    REMINT_AFTER_S = TTL_S // 2
+
     def __init__(self, secret: bytes) -> None:
         self._secret = secret
+        self._minted: OrderedDict[Principal, tuple[str, float]] = OrderedDict()
+        self._verified: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
 
     def mint(self, p: Principal, *, now: float | None = None) -> str:
+        if now is None:
+            hit = self._minted.get(p)
+            if hit is not None and hit[1] > time.time():
+                return hit[0]
         t = int(now if now is not None else time.time())
         claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": p.subject, "tenant": p.tenant,
                   "scopes": sorted(p.scopes), "roles": sorted(p.roles), "iat": t, "exp": t + TTL_S}
-        return jwt.encode(claims, self._secret, algorithm="HS256")
+        token = jwt.encode(claims, self._secret, algorithm="HS256")
+        if now is None:
+            _remember(self._minted, p, (token, t + self.REMINT_AFTER_S), self.CACHE)
+        return token
 
     def verify(self, token: str) -> Principal:
+        hit = self._verified.get(token)
+        if hit is not None and hit[1] > time.time():
+            return hit[0]
         try:
             c = jwt.decode(token, self._secret, algorithms=["HS256"], audience=AUDIENCE, issuer=ISSUER,
                            options={"require": ["exp", "iat", "sub", "iss", "aud"]}, leeway=5)
         except jwt.PyJWTError as e:
             raise Unauthenticated(f"invalid internal identity: {e}") from None
-        return Principal(c["sub"], str(c.get("tenant", "")), frozenset(c.get("scopes", ())), frozenset(c.get("roles", ())))
+        p = Principal(c["sub"], str(c.get("tenant", "")), frozenset(c.get("scopes", ())), frozenset(c.get("roles", ())))
+        _remember(self._verified, token, (p, float(c["exp"])), self.CACHE)
+        return p
 
     def principal(self, context: grpc.aio.ServicerContext) -> Principal:
         """The caller of the current RPC (the interceptor has already checked it)."""
@@ -81,7 +105,10 @@ class InternalIdentity:
 
 
 class IdentityInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses every RPC (health and reflection aside) without a valid internal identity."""
+    """Refuses every RPC (health and reflection aside) without a valid internal
+    identity (UNAUTHENTICATED), and enforces the method's ``method_policy`` scope and
+    roles on that identity (PERMISSION_DENIED) — the gateway checked them already;
+    services check again so nothing depends on one component being right."""
 
     EXEMPT = ("/grpc.health.", "/grpc.reflection.")
 
@@ -100,14 +127,25 @@ class IdentityInterceptor(grpc.aio.ServerInterceptor):
         try:
             if not isinstance(token, str) or not token:
                 raise Unauthenticated("missing internal identity: call the mesh through the gateway")
-            self.identity.verify(token)
+            principal = self.identity.verify(token)
         except Unauthenticated as e:
-            return _refuse(str(e))
+            return _refuse(grpc.StatusCode.UNAUTHENTICATED, str(e))
+        try:
+            policy.check(principal, handler_call_details.method)
+        except PermissionDenied as e:
+            return _refuse(grpc.StatusCode.PERMISSION_DENIED, str(e))
         return await continuation(handler_call_details)
 
 
-def _refuse(message: str) -> grpc.RpcMethodHandler:
+def _remember(cache: OrderedDict, key: object, value: object, limit: int) -> None:  # type: ignore[type-arg]
+    cache[key] = value
+    cache.move_to_end(key)
+    if len(cache) > limit:
+        cache.popitem(last=False)
+
+
+def _refuse(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
     async def deny(request: object, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort(code, message)
 
     return grpc.unary_unary_rpc_method_handler(deny)

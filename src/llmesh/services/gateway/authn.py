@@ -1,4 +1,4 @@
-"""JWT verification and scope/role authorization for the gateway.
+"""JWT verification for the gateway (scope/role rules: ``llmesh.auth.policy``).
 
 ``JwtVerifier.verify(token)`` returns a ``Principal`` or raises ``Unauthenticated`` with
 a short reason (never the token). Rules:
@@ -30,11 +30,11 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Iterable, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 import jwt
 
-from llmesh.runtime.errors import PermissionDenied, Unauthenticated, Unavailable
+from llmesh.runtime.errors import Unauthenticated, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -290,29 +290,3 @@ class JwtVerifier:
             expires_at=float(claims["exp"]),
             api_key_id=claims["key_id"] if isinstance(claims.get("key_id"), str) else None,
         )
-
-
-# ---- authorization ------------------------------------------------------------------
-
-
-def scope_matches(granted: str, required: str) -> bool:
-    """Exact, ``*``, or a trailing wildcard segment: ``inference:*`` grants ``inference:generate``."""
-    if granted == required or granted == "*":
-        return True
-    return granted.endswith(":*") and required.startswith(granted[:-1])
-
-
-def has_scope(scopes: Iterable[str], required: str) -> bool:
-    return any(scope_matches(g, required) for g in scopes)
-
-
-def authorize(principal: Principal, required_scope: str, roles: Sequence[str] = ()) -> None:
-    """Raise ``PermissionDenied`` unless the principal holds ``required_scope`` (an empty
-    string requires none) AND, when ``roles`` is non-empty, at least one of ``roles``."""
-    if required_scope and not has_scope(principal.scopes, required_scope):
-        raise PermissionDenied(
-            f"missing scope '{required_scope}'", metadata={"required_scope": required_scope}
-        )
-    if roles and not principal.roles.intersection(roles):
-        wanted = ", ".join(sorted(roles))
-        raise PermissionDenied(f"requires one of roles: {wanted}", metadata={"required_roles": wanted})

@@ -18,7 +18,8 @@ from llmesh.runtime.identity import IDENTITY_KEY, InternalIdentity
 from llmesh.runtime.identity import Principal as InternalPrincipal
 from llmesh.security.v1 import security_pb2, security_pb2_grpc
 from llmesh.services.gateway.audit import GATEWAY, AuditSink
-from llmesh.services.gateway.authn import JwtVerifier, Principal, authorize
+from llmesh.auth.policy import authorize
+from llmesh.services.gateway.authn import JwtVerifier, Principal
 from llmesh.services.gateway.fields import has_pii, mask_message, message_class, restore_message
 from llmesh.services.gateway.masking import Masker, Vault
 from llmesh.services.gateway.proxy import Forward, forwardable

@@ -23,7 +23,8 @@ def build() -> server.Service:
     llm = LlmBackend(cfg.peers.triton, cfg.model)
     memory = ChatMemory.from_url(cfg.peers.redis, max_messages=cfg.chat_max_messages, ttl_seconds=cfg.chat_ttl_seconds)
     templates = TemplateLibrary.load(Path(cfg.templates_path) if cfg.templates_path else None)
-    servicer = InferenceServicer(cfg, llm, memory, templates)
+    identity = InternalIdentity(load_secret(mesh.home))
+    servicer = InferenceServicer(cfg, llm, memory, templates, identity)
 
     def register(s: grpc.aio.Server) -> list:
         inference_pb2_grpc.add_InferenceServicer_to_server(servicer, s)
@@ -39,7 +40,6 @@ def build() -> server.Service:
         await llm.close()
         await memory.close()
 
-    identity = InternalIdentity(load_secret(mesh.home))
     return server.Service("inference", cfg.server, register, warmup, close, identity=identity)
 
 

@@ -10,6 +10,7 @@ import json
 import re
 import uuid
 from dataclasses import dataclass
+from urllib.parse import quote
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -73,16 +74,19 @@ class ChatMemory:
         client = aioredis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=1.0)
         return cls(client, max_messages=max_messages, ttl_seconds=ttl_seconds)
 
-    def _keys(self, cid: str) -> tuple[str, str]:
-        return f"{PREFIX}{cid}:messages", f"{PREFIX}{cid}:system"
+    def _keys(self, tenant: str, cid: str) -> tuple[str, str]:
+        # Conversations live under their tenant: an id guessed or leaked from another
+        # tenant names a different key, so it reads as "not found".
+        base = f"{PREFIX}{quote(tenant, safe='')}:{cid}"
+        return f"{base}:messages", f"{base}:system"
 
     @_redis_errors
     async def ping(self) -> None:
         await self._r.ping()
 
     @_redis_errors
-    async def load(self, cid: str) -> History | None:
-        mkey, skey = self._keys(cid)
+    async def load(self, tenant: str, cid: str) -> History | None:
+        mkey, skey = self._keys(tenant, cid)
         async with self._r.pipeline(transaction=True) as p:
             p.lrange(mkey, 0, -1)
             p.get(skey)
@@ -98,9 +102,9 @@ class ChatMemory:
         )
 
     @_redis_errors
-    async def append_turn(self, cid: str, user: str, assistant: str, system: str | None) -> int:
+    async def append_turn(self, tenant: str, cid: str, user: str, assistant: str, system: str | None) -> int:
         """Store one completed turn; returns how many messages are kept."""
-        mkey, skey = self._keys(cid)
+        mkey, skey = self._keys(tenant, cid)
         async with self._r.pipeline(transaction=True) as p:
             p.rpush(mkey, Message("user", user).to_json(), Message("assistant", assistant).to_json())
             # Trim whole turns (user + assistant) so history never starts mid-turn.
@@ -115,8 +119,8 @@ class ChatMemory:
         return int(res[-1])
 
     @_redis_errors
-    async def delete(self, cid: str) -> bool:
-        return bool(await self._r.delete(*self._keys(cid)))
+    async def delete(self, tenant: str, cid: str) -> bool:
+        return bool(await self._r.delete(*self._keys(tenant, cid)))
 
     async def close(self) -> None:
         await self._r.aclose()

@@ -14,6 +14,7 @@ from llmesh.inference.v1 import inference_pb2_grpc as pb_grpc
 from llmesh.runtime.channels import remaining_timeout
 from llmesh.runtime.config import InferenceSettings
 from llmesh.runtime.errors import InvalidArgument, NotFound
+from llmesh.runtime.identity import InternalIdentity
 from llmesh.services.inference.llm_backend import Chunk, GenerationInput, LlmBackend
 from llmesh.services.inference.memory import ChatMemory, Message, check_conversation_id, new_conversation_id
 from llmesh.services.inference.sampling import Sampling
@@ -34,11 +35,17 @@ def usage_pb(c: Chunk) -> types_pb2.Usage:
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
-    def __init__(self, cfg: InferenceSettings, llm: LlmBackend, memory: ChatMemory, templates: TemplateLibrary) -> None:
+    def __init__(self, cfg: InferenceSettings, llm: LlmBackend, memory: ChatMemory, templates: TemplateLibrary,
+                 identity: InternalIdentity) -> None:
         self.cfg = cfg
         self.llm = llm
         self.memory = memory
         self.templates = templates
+        self.identity = identity
+
+    def _tenant(self, context: grpc.aio.ServicerContext) -> str:
+        """The caller's tenant, from the internal identity (verified, and cached, by the interceptor)."""
+        return self.identity.principal(context).tenant
 
     # ---- validation -------------------------------------------------------
     def _text(self, value: str, field: str) -> str:
@@ -92,7 +99,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         message = self._text(req.message, "message")
         sampling = self._sampling(req.sampling)
         adapter = self._adapter(req.adapter)
-        history = await self.memory.load(cid)
+        tenant = self._tenant(context)
+        history = await self.memory.load(tenant, cid)
         system = req.system_prompt or (history.system if history else "")
         past = list(history.messages) if history else []
         # Keep the newest turns that fit the prompt budget.
@@ -106,7 +114,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         async for c in self.llm.stream(inp, timeout=self._timeout(context)):
             text.append(c.text)
             if c.finish_reason:
-                kept = await self.memory.append_turn(cid, message, "".join(text), req.system_prompt or None)
+                kept = await self.memory.append_turn(tenant, cid, message, "".join(text), req.system_prompt or None)
                 yield c, kept
             else:
                 yield c, 0
@@ -147,7 +155,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def GetConversation(self, request: pb.GetConversationRequest, context: grpc.aio.ServicerContext) -> pb.Conversation:
         cid = check_conversation_id(request.conversation_id)
-        history = await self.memory.load(cid)
+        history = await self.memory.load(self._tenant(context), cid)
         if history is None:
             raise NotFound("conversation", cid)
         messages = ([types_pb2.ChatMessage(role=types_pb2.ROLE_SYSTEM, content=history.system)] if history.system else []) + \
@@ -155,7 +163,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return pb.Conversation(conversation_id=cid, messages=messages, ttl_seconds=history.ttl_seconds)
 
     async def DeleteConversation(self, request: pb.DeleteConversationRequest, context: grpc.aio.ServicerContext) -> pb.DeleteConversationResponse:
-        return pb.DeleteConversationResponse(deleted=await self.memory.delete(check_conversation_id(request.conversation_id)))
+        return pb.DeleteConversationResponse(deleted=await self.memory.delete(
+            self._tenant(context), check_conversation_id(request.conversation_id)))
 
     # ---- templates and models ---------------------------------------------
     async def ListTemplates(self, request: pb.ListTemplatesRequest, context: grpc.aio.ServicerContext) -> pb.ListTemplatesResponse:
