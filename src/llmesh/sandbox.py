@@ -4,7 +4,10 @@ suite and the benchmarks (they must never touch the user's running mesh)."""
 from __future__ import annotations
 
 import contextlib
+import shutil
 import socket
+import subprocess
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -24,6 +27,45 @@ def free_ports(n: int) -> list[int]:
     for s in socks:
         s.close()
     return ports
+
+
+class RedisServer:
+    """A private redis-server on a free loopback port (no persistence) that a test can
+    stop and start again on the same port."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_ports(1)[0]
+        self.exe = shutil.which("redis-server") or "/usr/bin/redis-server"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        self.proc = subprocess.Popen(
+            [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"redis-server did not start on port {self.port}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(5)
+        self.proc = None
 
 
 def write_config(home: Path, overrides: dict[str, dict[str, Any]] | None = None) -> Path:

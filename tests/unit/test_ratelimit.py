@@ -5,53 +5,15 @@ fail-closed while Redis is down, and recovery after Redis restarts on the same p
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import socket
-import subprocess
 import time
 from typing import AsyncIterator, Iterator
 
 import pytest
 import redis.asyncio as aioredis
 
-from llmesh.runtime.errors import ResourceExhausted, Unavailable
-from llmesh.sandbox import free_ports
+from llmesh.runtime.errors import ResourceExhausted, Unauthenticated, Unavailable
+from llmesh.sandbox import RedisServer
 from llmesh.services.gateway.ratelimit import DEFAULT_FAIL_OPEN, Limit, RateLimiter
-
-EXE = shutil.which("redis-server") or "/usr/bin/redis-server"
-pytestmark = pytest.mark.skipif(not os.path.exists(EXE), reason="redis-server not installed")
-
-
-class RedisServer:
-    def __init__(self) -> None:
-        self.port = free_ports(1)[0]
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [EXE, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                pass
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                self.stop()
-                raise RuntimeError(f"redis-server did not start on port {self.port}")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(5)
-        self.proc = None
 
 
 @pytest.fixture(scope="module")
@@ -262,3 +224,37 @@ async def test_unresponsive_redis_times_out() -> None:
             w.close()
         hole.close()
         await client.aclose()
+
+
+async def test_nonce_rate_limit_and_tokens_in_one_round_trip(r: aioredis.Redis) -> None:
+    lim = RateLimiter(r, LIMITS, tokens_per_minute=60)
+    key = "llmesh:nonce:k1:abc"
+    await lim.admit("nina", "generate", nonce_key=key, nonce_ttl_s=600, tokens=True)
+    assert 590 <= await r.ttl(key) <= 600
+    before = await r.zcard(lim.key("nina", "generate"))
+    with pytest.raises(Unauthenticated, match="replayed"):
+        await lim.admit("nina", "generate", nonce_key=key, nonce_ttl_s=600, tokens=True)
+    assert await r.zcard(lim.key("nina", "generate")) == before  # a replay is not counted
+    await lim.admit("nina", "generate", nonce_key="llmesh:nonce:k2:abc", nonce_ttl_s=600)  # per key id
+    await lim.debit("nina", 100)  # budget empty: refused before the request is counted
+    with pytest.raises(ResourceExhausted) as e:
+        await lim.admit("nina", "generate", nonce_key="llmesh:nonce:k1:def", nonce_ttl_s=600, tokens=True)
+    assert e.value.metadata["quota_class"] == "tokens"
+    assert await r.zcard(lim.key("nina", "generate")) == before + 1
+
+
+async def test_nonces_fall_back_to_replica_memory_while_redis_is_down() -> None:
+    srv = RedisServer()
+    srv.start()
+    client = aioredis.Redis(host="127.0.0.1", port=srv.port)
+    try:
+        lim = RateLimiter(client, LIMITS, retry_interval_s=60)
+        srv.stop()
+        await lim.admit("olga", "read", nonce_key="llmesh:nonce:k:n1", nonce_ttl_s=600)  # fail open
+        with pytest.raises(Unauthenticated, match="replayed"):
+            await lim.admit("olga", "read", nonce_key="llmesh:nonce:k:n1", nonce_ttl_s=600)
+        with pytest.raises(Unavailable):  # closed classes refuse whatever the nonce
+            await lim.admit("olga", "write", nonce_key="llmesh:nonce:k:n2", nonce_ttl_s=600)
+    finally:
+        await client.aclose()
+        srv.stop()

@@ -1,20 +1,13 @@
-"""HMAC request signatures: sign/verify round trip, every refusal, and single-use nonces
-against a real redis-server."""
+"""HMAC request signatures: sign/verify round trip and every refusal (single-use nonces
+are claimed by the rate limiter's script: tests/unit/test_ratelimit.py)."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import time
-from typing import Iterator
 
 import pytest
 
 from llmesh.auth import signature as sig
 from llmesh.runtime.errors import Unauthenticated
-from llmesh.sandbox import free_ports
 
 SECRET = b"s3cr3t-shared-key-for-tests-0123456789"
 METHOD = "/llmesh.inference.v1.Inference/Generate"
@@ -142,51 +135,5 @@ def test_nonce_ttl() -> None:
     assert sig.nonce_ttl(0.2) == 1
 
 
-# ---- NonceStore against a real redis-server -----------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def redis_port() -> Iterator[int]:
-    exe = shutil.which("redis-server") or "/usr/bin/redis-server"
-    if not os.path.exists(exe):
-        pytest.skip("redis-server not installed")
-    port = free_ports(1)[0]
-    proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
-                s.sendall(b"PING\r\n")
-                if s.recv(16).startswith(b"+PONG"):
-                    break
-        except OSError:
-            pass
-        if time.monotonic() > deadline or proc.poll() is not None:
-            proc.kill()
-            raise RuntimeError("redis-server did not start")
-        time.sleep(0.02)
-    yield port
-    proc.terminate()
-    proc.wait(5)
-
-
-async def test_nonce_store_claims_once(redis_port: int) -> None:
-    import redis.asyncio as aioredis
-
-    r = aioredis.Redis(host="127.0.0.1", port=redis_port)
-    try:
-        store = sig.NonceStore(r)
-        md = signed()
-        req = sig.verify(SECRET, METHOD, BODY, md, now=NOW)
-        ttl = sig.nonce_ttl(300)
-        assert await store.claim(req.key_id, req.nonce, ttl) is True
-        assert await store.claim(req.key_id, req.nonce, ttl) is False  # replay
-        assert await store.claim("k2", req.nonce, ttl) is True  # nonces are per key id
-        remaining = await r.ttl(store.key(req.key_id, req.nonce))
-        assert 590 <= remaining <= 600
-        assert (await store.claim("k1", sig.new_nonce(), 1)) is True
-    finally:
-        await r.aclose()
+def test_nonce_key_is_per_key_id() -> None:
+    assert sig.nonce_key("k1", "n") != sig.nonce_key("k2", "n")

@@ -1,5 +1,5 @@
 """HMAC-SHA256 request signatures, shared by the client SDK (``sign``) and the gateway
-(``verify`` + ``NonceStore``).
+(``verify`` + ``nonce_key``).
 
 Wire format (gRPC metadata, all ASCII):
 
@@ -29,8 +29,9 @@ the call being bound to the verified first message (same HTTP/2 stream). Unary a
 server-streaming calls are fully covered (their single request is signed).
 
 Replay protection: a timestamp outside +-``skew_s`` is refused (stale or future), and
-inside the window each (key id, nonce) may be used once: ``NonceStore.claim`` does
-``SET llmesh:nonce:<key_id>:<nonce> 1 NX EX <2*skew_s>``; a second claim returns False
+inside the window each (key id, nonce) may be used once: the gateway does
+``SET llmesh:nonce:<key_id>:<nonce> 1 NX EX <2*skew_s>`` (``nonce_key``; in the same
+Redis script as the rate limit, see ``gateway/ratelimit.py``); a second claim fails
 and the gateway refuses with ``Unauthenticated("replayed nonce")``.
 """
 
@@ -147,7 +148,7 @@ def verify(
 ) -> SignedRequest:
     """Check the signature headers of one call; raises ``Unauthenticated`` naming what is
     wrong (never echoing the signature). Nonce uniqueness is NOT checked here: claim the
-    returned nonce with ``NonceStore.claim`` (ttl ``nonce_ttl(skew_s)``)."""
+    returned nonce (key ``nonce_key``, ttl ``nonce_ttl(skew_s)``) once."""
     md = _as_dict(metadata)
     for header in HEADERS:
         if not md.get(header):
@@ -180,18 +181,7 @@ def nonce_ttl(skew_s: float = DEFAULT_SKEW_S) -> int:
     return max(1, math.ceil(2 * skew_s))
 
 
-class NonceStore:
-    """Single-use nonces in Redis, shared by all gateway replicas."""
-
-    def __init__(self, redis, *, prefix: str = "llmesh:nonce:") -> None:  # type: ignore[no-untyped-def]
-        self._redis = redis  # redis.asyncio.Redis
-        self._prefix = prefix
-
-    def key(self, key_id: str, nonce: str) -> str:
-        return f"{self._prefix}{key_id}:{nonce}"
-
-    async def claim(self, key_id: str, nonce: str, ttl_s: float) -> bool:
-        """True the first time (key_id, nonce) is seen within ``ttl_s``; False for a replay.
-        Redis errors propagate (the gateway decides; refusing is the safe default)."""
-        ttl = max(1, math.ceil(ttl_s))
-        return bool(await self._redis.set(self.key(key_id, nonce), 1, nx=True, ex=ttl))
+def nonce_key(key_id: str, nonce: str) -> str:
+    """The Redis key under which a nonce is claimed (the gateway's rate-limit script does
+    ``SET <key> 1 NX EX nonce_ttl(skew_s)``, in the same round trip as the rate limit)."""
+    return f"llmesh:nonce:{key_id}:{nonce}"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import grpc
 import redis.asyncio as aioredis
 
-from llmesh.auth.signature import NonceStore
 from llmesh.runtime import server
 from llmesh.runtime.channels import peer_channel
 from llmesh.runtime.config import load_config
@@ -36,7 +35,6 @@ def build() -> server.Service:
     pipeline = Pipeline(
         verifier=JwtVerifier(cfg.issuer, cfg.audience, jwks_fetcher=jwks, leeway_s=cfg.jwt_leeway_s),
         secrets=SecretCache(security, identity),
-        nonces=NonceStore(redis),
         limiter=RateLimiter(redis, {k: Limit(v.requests, v.window_s) for k, v in cfg.rate_limits.items()},
                             tokens_per_minute=cfg.tokens_per_minute),
         masker=Masker(operators=cfg.masking or None),

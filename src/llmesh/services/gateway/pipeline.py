@@ -1,6 +1,7 @@
 """The gateway's policy pipeline, in order: authenticate (JWT) → verify the request
-signature (HMAC, replay refused) → authorize (the method's scope/roles from its proto
-option) → rate limit (requests, and LLM tokens for generation) → mask sensitive
+signature (HMAC) → authorize (the method's scope/roles from its proto
+option) → one Redis round trip (nonce claimed: replays refused; requests counted; LLM
+token budget checked for generation) → mask sensitive
 fields → forward with an internal identity → unmask the response → audit."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 import grpc
 
 from llmesh.common.v1 import options_pb2, types_pb2
-from llmesh.auth.signature import NonceStore, key_id_of, nonce_ttl, verify
+from llmesh.auth.signature import key_id_of, nonce_key, nonce_ttl, verify
 from llmesh.runtime.errors import Unauthenticated
 from llmesh.runtime.identity import IDENTITY_KEY, InternalIdentity
 from llmesh.runtime.identity import Principal as InternalPrincipal
@@ -68,7 +69,6 @@ class SecretCache:
 class Pipeline:
     verifier: JwtVerifier
     secrets: SecretCache
-    nonces: NonceStore
     limiter: RateLimiter
     masker: Masker
     identity: InternalIdentity
@@ -81,16 +81,17 @@ class Pipeline:
         md = dict(context.invocation_metadata() or ())
         policy = route.policy
         caller: Principal | None = None
+        nonce: str | None = None
         if not policy.anonymous:
             caller = await self.verifier.verify(str(md.get("authorization", "")))
             if self.require_signature:
-                await self._check_signature(route, md, body, caller)
+                nonce = await self._check_signature(route, md, body, caller)
             authorize(caller, policy.scope, list(policy.roles))
         who = _bucket(caller)
         klass = CLASS_NAMES.get(policy.rate_limit_class, "read")
-        await self.limiter.admit(who, klass)
-        if klass == "generate":
-            await self.limiter.check_tokens(who)
+        # One Redis round trip: nonce claim + token budget + request count.
+        await self.limiter.admit(who, klass, nonce_key=nonce, nonce_ttl_s=nonce_ttl(self.skew_s),
+                                 tokens=klass == "generate")
 
         vault = Vault()
         entities: dict[str, int] = {}
@@ -129,13 +130,13 @@ class Pipeline:
 
         return Forward(metadata, mask_request, restore_response, done)
 
-    async def _check_signature(self, route: Route, md: dict, body: bytes | None, caller: Principal) -> None:
+    async def _check_signature(self, route: Route, md: dict, body: bytes | None, caller: Principal) -> str:
+        """Verify the HMAC; returns the Redis key of the nonce, which ``admit`` claims."""
         key_id = key_id_of(md)
         if caller.api_key_id and key_id != caller.api_key_id:
             raise Unauthenticated("signature key id does not match the token's key")
         signed = verify(await self.secrets.get(key_id), route.path, body or b"", md, skew_s=self.skew_s)
-        if not await self.nonces.claim(signed.key_id, signed.nonce, nonce_ttl(self.skew_s)):
-            raise Unauthenticated("replayed nonce")
+        return nonce_key(signed.key_id, signed.nonce)
 
 
 def _bucket(caller: Principal | None) -> str:

@@ -1,8 +1,12 @@
-"""Redis-backed rate limits shared by all gateway replicas.
+"""Redis-backed rate limits (and request nonces) shared by all gateway replicas.
 
 Two atomic Lua scripts (registered once per limiter with ``register_script``; redis-py
 falls back from EVALSHA to EVAL by itself, e.g. after a Redis restart emptied the script
 cache). Both read the clock with Redis ``TIME`` so replicas with skewed clocks agree.
+``admit`` does everything one call needs in ONE round trip: claim the signature's
+nonce (``SET NX EX``; a replay is refused before anything is counted), check the LLM
+token bucket for generate calls, and count the request in its window. ``debit`` runs
+the bucket script after a response reported its usage.
 
 * Requests: a sliding-window log per (class, principal) in a sorted set
   ``llmesh:rl:req:<class>:<principal>`` (score = admit time in microseconds). Exact:
@@ -12,8 +16,8 @@ cache). Both read the clock with Redis ``TIME`` so replicas with skewed clocks a
   per-principal limits a gateway uses (up to some thousands per window).
 * LLM tokens: a token bucket per principal in a hash ``llmesh:rl:tok:<principal>``
   (capacity ``token_burst``, default ``tokens_per_minute``; refill
-  ``tokens_per_minute``/60 per second). ``check_tokens`` (before a generate call) refuses
-  while the bucket is empty (< 1 token) with the time until it holds one again;
+  ``tokens_per_minute``/60 per second). ``admit(..., tokens=True)`` and ``check_tokens``
+  refuse while the bucket is empty (< 1 token) with the time until it holds one again;
   ``debit`` (after a response reports usage) subtracts what was used, possibly going
   negative (debt) but never below ``-capacity``. A missing key is a full bucket.
 
@@ -32,7 +36,10 @@ loading, read-only replica) the per-class policy applies:
 
 ``fail_open`` overrides entries of this table; classes not in it fail closed. Closed
 raises ``Unavailable(..., retry_after_s=1)``. ``check_tokens`` follows the "generate"
-policy; ``debit`` while Redis is down is dropped (logged). After a failure the limiter
+policy; ``debit`` while Redis is down is dropped (logged). Nonces in fail-open classes
+fall back to a bounded in-process set, so replays to the same replica are still
+refused (a replay sent to ANOTHER replica while Redis is down is not: the ±skew
+timestamp window bounds that exposure). After a failure the limiter
 does not touch Redis for ``retry_interval_s`` (default 1 s, so a dead or blackholed Redis
 costs no latency per call); then ONE call probes it (others keep applying the policy
 until the probe ends): recovery is automatic and there is no other state (redis-py
@@ -49,12 +56,13 @@ import logging
 import math
 import os
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Mapping
 
 from redis import exceptions as redis_errors
 
-from llmesh.runtime.errors import ResourceExhausted, Unavailable
+from llmesh.runtime.errors import ResourceExhausted, Unauthenticated, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -69,63 +77,85 @@ DEFAULT_FAIL_OPEN: Mapping[str, bool] = {
     "admin": False,
 }
 
-# KEYS[1] sorted set; ARGV: limit, window_us, unique member.
-# Returns {admitted(0/1), remaining, retry_after_us}.
-SLIDING_WINDOW_LUA = """
-local key = KEYS[1]
-local limit = tonumber(ARGV[1])
-local window = tonumber(ARGV[2])
+# Lua building blocks. Every script reads the clock with Redis TIME (``now``, in µs).
+_CLOCK = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
-local n = redis.call('ZCARD', key)
-if n < limit then
-  redis.call('ZADD', key, now, ARGV[3])
-  redis.call('PEXPIRE', key, math.ceil(window / 1000) + 1000)
-  return {1, limit - n - 1, 0}
-end
-local idx = n - limit
-local entry = redis.call('ZRANGE', key, idx, idx, 'WITHSCORES')
-local retry = tonumber(entry[2]) + window - now
-if retry < 1 then retry = 1 end
-return {0, 0, retry}
 """
 
-# KEYS[1] hash {tokens, ts}; ARGV: capacity, refill per second, debit (0 = check only).
+# Sliding-window log: {admitted(0/1), remaining, retry_after_us}.
+_WINDOW_FN = """
+local function window(key, limit, win, member, now)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - win)
+  local n = redis.call('ZCARD', key)
+  if n < limit then
+    redis.call('ZADD', key, now, member)
+    redis.call('PEXPIRE', key, math.ceil(win / 1000) + 1000)
+    return {1, limit - n - 1, 0}
+  end
+  local idx = n - limit
+  local entry = redis.call('ZRANGE', key, idx, idx, 'WITHSCORES')
+  local retry = tonumber(entry[2]) + win - now
+  if retry < 1 then retry = 1 end
+  return {0, 0, retry}
+end
+"""
+
+# Token bucket (hash {tokens, ts}); rate in tokens per µs; debit 0 = check only.
 # Returns {allowed(0/1), floor(tokens after), retry_after_us}.
-TOKEN_BUCKET_LUA = """
-local key = KEYS[1]
-local capacity = tonumber(ARGV[1])
-local rate = tonumber(ARGV[2]) / 1000000
-local debit = tonumber(ARGV[3])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local state = redis.call('HMGET', key, 'tokens', 'ts')
-local tokens = tonumber(state[1])
-local ts = tonumber(state[2])
-if tokens == nil or ts == nil then
-  tokens = capacity
-else
-  local elapsed = now - ts
-  if elapsed < 0 then elapsed = 0 end
-  tokens = math.min(capacity, tokens + elapsed * rate)
+_BUCKET_FN = """
+local function bucket(key, capacity, rate, debit, now)
+  local state = redis.call('HMGET', key, 'tokens', 'ts')
+  local tokens = tonumber(state[1])
+  local ts = tonumber(state[2])
+  if tokens == nil or ts == nil then
+    tokens = capacity
+  else
+    local elapsed = now - ts
+    if elapsed < 0 then elapsed = 0 end
+    tokens = math.min(capacity, tokens + elapsed * rate)
+  end
+  if debit > 0 then
+    tokens = math.max(-capacity, tokens - debit)
+  end
+  local allowed = 1
+  local retry = 0
+  if tokens < 1 then
+    allowed = 0
+    retry = math.ceil((1 - tokens) / rate)
+  end
+  if tokens >= capacity then
+    redis.call('DEL', key)
+  else
+    redis.call('HSET', key, 'tokens', tostring(tokens), 'ts', tostring(now))
+    redis.call('PEXPIRE', key, math.ceil((capacity - tokens) / rate / 1000) + 1000)
+  end
+  return {allowed, math.floor(tokens), retry}
 end
-if debit > 0 then
-  tokens = math.max(-capacity, tokens - debit)
+"""
+
+# Everything the gateway asks Redis about one call, in ONE round trip:
+# KEYS: window zset, nonce key, token bucket.
+# ARGV: limit, window_us, member, nonce ttl s (0: no nonce), bucket capacity (0: no
+# token check), bucket refill per second.
+# Returns {outcome, remaining, retry_after_us}; outcome 1 admitted, 0 over the request
+# limit, 2 token budget empty, -1 replayed nonce. A replay is refused before anything
+# is counted; the nonce stays claimed whatever happens next.
+ADMIT_LUA = _CLOCK + _WINDOW_FN + _BUCKET_FN + """
+if tonumber(ARGV[4]) > 0 then
+  if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[4]) then return {-1, 0, 0} end
 end
-local allowed = 1
-local retry = 0
-if tokens < 1 then
-  allowed = 0
-  retry = math.ceil((1 - tokens) / rate)
+local capacity = tonumber(ARGV[5])
+if capacity > 0 then
+  local b = bucket(KEYS[3], capacity, tonumber(ARGV[6]) / 1000000, 0, now)
+  if b[1] == 0 then return {2, 0, b[3]} end
 end
-if tokens >= capacity then
-  redis.call('DEL', key)
-else
-  redis.call('HSET', key, 'tokens', tostring(tokens), 'ts', tostring(now))
-  redis.call('PEXPIRE', key, math.ceil((capacity - tokens) / rate / 1000) + 1000)
-end
-return {allowed, math.floor(tokens), retry}
+return window(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], now)
+"""
+
+# KEYS[1] hash; ARGV: capacity, refill per second, debit (0 = check only).
+TOKEN_BUCKET_LUA = _CLOCK + _BUCKET_FN + """
+return bucket(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]) / 1000000, tonumber(ARGV[3]), now)
 """
 
 # Redis errors that mean "the limiter backend is not usable right now".
@@ -169,7 +199,8 @@ class RateLimiter:
         self.token_capacity = token_burst if token_burst is not None else tokens_per_minute
         self.timeout_s = timeout_s
         self.retry_interval_s = retry_interval_s
-        self._window = redis.register_script(SLIDING_WINDOW_LUA)
+        self._admit = redis.register_script(ADMIT_LUA)
+        self._local_nonces: OrderedDict[str, float] = OrderedDict()
         self._bucket = redis.register_script(TOKEN_BUCKET_LUA)
         self._member_prefix = os.urandom(6).hex()
         self._seq = itertools.count()
@@ -218,8 +249,16 @@ class RateLimiter:
     def key(self, principal: str, klass: str) -> str:
         return f"{PREFIX}req:{klass}:{principal}"
 
-    async def admit(self, principal: str, klass: str) -> None:
-        """Count one call of class ``klass`` for ``principal`` or raise ResourceExhausted."""
+    async def admit(self, principal: str, klass: str, *, nonce_key: str | None = None, nonce_ttl_s: int = 0,
+                    tokens: bool = False) -> None:
+        """Count one call of class ``klass`` for ``principal`` — in the same Redis round
+        trip, claim the request's nonce (``nonce_key``, kept ``nonce_ttl_s``) and, with
+        ``tokens``, check the principal's LLM token bucket. Raises ``Unauthenticated``
+        for a replayed nonce, ``ResourceExhausted`` (with retry-after) over a limit.
+
+        While Redis is down the class policy applies; in fail-open classes nonces are
+        checked against this replica's own memory (``LOCAL_NONCES``, bounded), so a
+        replay to the same replica is still refused."""
         limit = self.limits.get(klass)
         if limit is None:
             raise ValueError(f"no rate limit configured for class {klass!r}")
@@ -229,21 +268,48 @@ class RateLimiter:
             )
         member = f"{self._member_prefix}:{next(self._seq)}"
         window_us = max(1, int(limit.window_s * 1_000_000))
+        check_tokens = tokens and self.tokens_per_minute is not None
         try:
-            admitted, _remaining, retry_us = await self._run(
-                self._window, [self.key(principal, klass)], [limit.requests, window_us, member]
+            outcome, _remaining, retry_us = await self._run(
+                self._admit,
+                [self.key(principal, klass), nonce_key or f"{PREFIX}none", self.token_key(principal)],
+                [limit.requests, window_us, member, nonce_ttl_s if nonce_key else 0,
+                 self.token_capacity if check_tokens else 0, (self.tokens_per_minute or 0) / 60.0],
             )
         except _BackendDown:
             self._fail(klass, f"{klass} calls")
+            if nonce_key and not self._claim_locally(nonce_key, nonce_ttl_s):
+                raise Unauthenticated("replayed nonce") from None
             return
-        if not admitted:
-            retry = max(0.001, math.ceil(retry_us / 1000) / 1000)
+        retry = max(0.001, math.ceil(retry_us / 1000) / 1000)
+        if outcome == -1:
+            raise Unauthenticated("replayed nonce")
+        if outcome == 2:
+            raise ResourceExhausted(
+                f"LLM token budget exhausted ({self.tokens_per_minute} tokens/min); retry in {retry:.3f}s",
+                retry_after_s=retry,
+                metadata={"quota_class": "tokens", "quota_limit": str(self.tokens_per_minute)},
+            )
+        if outcome == 0:
             raise ResourceExhausted(
                 f"rate limit exceeded for {klass} calls: {limit.requests} per {limit.window_s:g}s; "
                 f"retry in {retry:.3f}s",
                 retry_after_s=retry,
                 metadata={"quota_class": klass, "quota_limit": str(limit.requests)},
             )
+
+    LOCAL_NONCES = 100_000
+
+    def _claim_locally(self, nonce_key: str, ttl_s: int) -> bool:
+        now = time.monotonic()
+        while self._local_nonces and next(iter(self._local_nonces.values())) < now:
+            self._local_nonces.popitem(last=False)  # insertion order = expiry order (same ttl)
+        if nonce_key in self._local_nonces:
+            return False
+        self._local_nonces[nonce_key] = now + ttl_s
+        if len(self._local_nonces) > self.LOCAL_NONCES:
+            self._local_nonces.popitem(last=False)
+        return True
 
     # ---- LLM token bucket -----------------------------------------------------------------
 
