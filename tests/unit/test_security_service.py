@@ -26,7 +26,8 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmesh.common.v1 import options_pb2
-from llmesh.runtime.config import MeshConfig, load_config
+from llmesh.runtime.config import ConfigError, MeshConfig, load_config
+from llmesh.runtime.errors import Unauthenticated
 from llmesh.runtime.interceptors import ErrorMappingInterceptor
 from llmesh.sandbox import free_ports
 from llmesh.security.v1 import security_pb2 as pb
@@ -36,9 +37,12 @@ from llmesh.services.security.__main__ import build
 Code = grpc.StatusCode
 
 
-def mesh_config(home: Path, **security: object) -> MeshConfig:
+def mesh_config(home: Path, gateway: dict | None = None, **security: object) -> MeshConfig:
     path = home / "llmesh.yaml"
-    path.write_text(yaml.safe_dump({"home": str(home), "security": {"server": {"port": 0, "metrics_port": 0}, **security}}))
+    doc: dict = {"home": str(home), "security": {"server": {"port": 0, "metrics_port": 0}, **security}}
+    if gateway:
+        doc["gateway"] = gateway
+    path.write_text(yaml.safe_dump(doc))
     return load_config(path, env={})
 
 
@@ -53,8 +57,8 @@ class Running:
 
 
 @contextlib.asynccontextmanager
-async def running(home: Path, *, warm: bool = True, **security: object) -> AsyncIterator[Running]:
-    cfg = mesh_config(home, **security)
+async def running(home: Path, *, warm: bool = True, gateway: dict | None = None, **security: object) -> AsyncIterator[Running]:
+    cfg = mesh_config(home, gateway, **security)
     svc = build(cfg)
     server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()])
     svc.register(server)
@@ -184,6 +188,29 @@ async def test_issue_token_claims_and_errors(sec: Running) -> None:
     await expect(Code.UNAUTHENTICATED, sec.stub.IssueToken(pb.IssueTokenRequest(key_id="lk_" + "0" * 32, secret="whatever")))
     await sec.stub.RevokeApiKey(pb.RevokeApiKeyRequest(key_id=kid))
     await expect(Code.FAILED_PRECONDITION, sec.stub.IssueToken(pb.IssueTokenRequest(key_id=kid, secret=created.secret)))
+
+
+async def test_hs256_development_mode(tmp_path: Path) -> None:
+    """signing_algorithm HS256: tokens the gateway's verifier accepts with the shared
+    secret file (and only when it allows HS256); the JWKS never publishes a symmetric key."""
+    from llmesh.runtime.identity import HS256_SECRET, load_secret
+    from llmesh.services.gateway.authn import JwtVerifier
+
+    with pytest.raises(ConfigError, match="jwt_algorithms"):
+        mesh_config(tmp_path, signing_algorithm="HS256")
+    async with running(tmp_path, signing_algorithm="HS256", gateway={"jwt_algorithms": ["HS256"]}) as r:
+        created = await new_key(r.stub, owner="hal", tenant="acme")
+        resp = await r.stub.IssueToken(pb.IssueTokenRequest(key_id=created.key.key_id, secret=created.secret))
+        assert jwt.get_unverified_header(resp.token)["alg"] == "HS256" and resp.kid == ""
+        assert all(k["kty"] != "oct" for k in json.loads((await r.stub.GetJwks(pb.GetJwksRequest())).jwks_json)["keys"])
+        secret = load_secret(r.cfg.home, HS256_SECRET)
+        assert (r.cfg.home / "security" / HS256_SECRET).stat().st_mode & 0o777 == 0o600
+        dev = JwtVerifier(r.cfg.gateway.issuer, r.cfg.gateway.audience, hs256_secret=secret, allowed_algs=["HS256"])
+        principal = await dev.verify(resp.token)
+        assert principal.subject == "hal" and principal.tenant == "acme" and principal.api_key_id == created.key.key_id
+        production = JwtVerifier(r.cfg.gateway.issuer, r.cfg.gateway.audience)  # RS256/ES256 only
+        with pytest.raises(Unauthenticated, match="not allowed"):
+            await production.verify(resp.token)
 
 
 async def test_wildcard_scope_covers_its_prefix(sec: Running) -> None:

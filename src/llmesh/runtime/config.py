@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_FILE = Path(__file__).with_name("default.yaml")
 ENV_PREFIX = "LLMESH__"
@@ -84,7 +84,9 @@ class SecuritySettings(_Model):
     audience: str = "llmesh-gateway"
     # Longest token lifetime; also how long a rotated-out signing key stays in the JWKS.
     token_ttl_seconds: int = Field(default=900, ge=1, le=86_400)
-    signing_algorithm: Literal["ES256", "RS256"] = "ES256"
+    # HS256 is for development only: tokens are signed with a secret shared with the
+    # gateway (LLMESH_HOME/security/jwt-hs256.key) instead of a key published as JWKS.
+    signing_algorithm: Literal["ES256", "RS256", "HS256"] = "ES256"
 
 
 class GatewayPeers(_Model):
@@ -109,6 +111,9 @@ class GatewaySettings(_Model):
     upstreams: dict[str, str]
     issuer: str = "llmesh"
     audience: str = "llmesh-gateway"
+    # Accepted token algorithms; HS256 (development) verifies with the shared
+    # LLMESH_HOME/security/jwt-hs256.key, the others with the security service's JWKS.
+    jwt_algorithms: list[Literal["ES256", "RS256", "HS256"]] = Field(default=["ES256", "RS256"], min_length=1)
     jwt_leeway_s: float = 30.0
     # HMAC request signatures on every authenticated call; timestamps within ±skew.
     require_signature: bool = True
@@ -132,6 +137,13 @@ class MeshConfig(_Model):
     @classmethod
     def _absolute(cls, v: Path) -> Path:
         return v.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _gateway_accepts_issued_tokens(self) -> MeshConfig:
+        if self.security.signing_algorithm not in self.gateway.jwt_algorithms:
+            raise ValueError(f"gateway.jwt_algorithms {self.gateway.jwt_algorithms} must include "
+                             f"security.signing_algorithm '{self.security.signing_algorithm}'")
+        return self
 
     @property
     def llm_path(self) -> Path:

@@ -28,6 +28,8 @@ IDENTITY_KEY = "x-llmesh-identity"
 ISSUER = "llmesh-gateway"
 AUDIENCE = "llmesh-internal"
 TTL_S = 60
+# The development-only HS256 JWT secret (security.signing_algorithm: HS256).
+HS256_SECRET = "jwt-hs256.key"
 
 
 @dataclass(frozen=True)
@@ -38,9 +40,10 @@ class Principal:
     roles: frozenset[str] = frozenset()
 
 
-def load_secret(home: Path) -> bytes:
-    """The shared internal secret; the first process to need it creates it."""
-    path = home / "security" / "internal.key"
+def load_secret(home: Path, name: str = "internal.key") -> bytes:
+    """A 32-byte secret shared by the mesh's processes on this host
+    (``LLMESH_HOME/security/<name>``, 0600); the first process to need it creates it."""
+    path = home / "security" / name
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

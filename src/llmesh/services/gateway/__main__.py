@@ -8,7 +8,7 @@ import redis.asyncio as aioredis
 from llmesh.runtime import server
 from llmesh.runtime.channels import peer_channel
 from llmesh.runtime.config import load_config
-from llmesh.runtime.identity import IDENTITY_KEY, InternalIdentity, load_secret
+from llmesh.runtime.identity import HS256_SECRET, IDENTITY_KEY, InternalIdentity, load_secret
 from llmesh.security.v1 import security_pb2, security_pb2_grpc
 from llmesh.services.gateway.audit import GATEWAY, AuditSink
 from llmesh.services.gateway.authn import JwtVerifier
@@ -33,7 +33,9 @@ def build() -> server.Service:
     redis = aioredis.Redis.from_url(cfg.peers.redis, socket_timeout=1.0, socket_connect_timeout=1.0)
     audit = AuditSink(security, identity)
     pipeline = Pipeline(
-        verifier=JwtVerifier(cfg.issuer, cfg.audience, jwks_fetcher=jwks, leeway_s=cfg.jwt_leeway_s),
+        verifier=JwtVerifier(cfg.issuer, cfg.audience, jwks_fetcher=jwks, leeway_s=cfg.jwt_leeway_s,
+                             allowed_algs=cfg.jwt_algorithms,
+                             hs256_secret=load_secret(mesh.home, HS256_SECRET) if "HS256" in cfg.jwt_algorithms else None),
         secrets=SecretCache(security, identity),
         limiter=RateLimiter(redis, {k: Limit(v.requests, v.window_s) for k, v in cfg.rate_limits.items()},
                             tokens_per_minute=cfg.tokens_per_minute),

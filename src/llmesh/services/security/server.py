@@ -13,6 +13,7 @@ from google.protobuf import timestamp_pb2
 
 from llmesh.runtime.config import SecuritySettings
 from llmesh.runtime.errors import InvalidArgument, Unavailable
+from llmesh.runtime.identity import HS256_SECRET, load_secret
 from llmesh.security.v1 import security_pb2 as pb
 from llmesh.security.v1 import security_pb2_grpc as pb_grpc
 from llmesh.services.security import apikeys as apikeys_mod
@@ -74,7 +75,9 @@ class SecurityServicer(pb_grpc.SecurityServicer):
         self.db = Database(state_dir / "security.db")
         self.keyring = Keyring(state_dir / "master.key")
         self.api_keys = ApiKeys(self.keyring)
-        self.tokens = TokenIssuer(cfg, self.keyring)
+        # HS256 (development): the secret the gateway shares, LLMESH_HOME/security/jwt-hs256.key.
+        hs256 = load_secret(state_dir.parent, HS256_SECRET) if cfg.signing_algorithm == "HS256" else None
+        self.tokens = TokenIssuer(cfg, self.keyring, hs256)
         self.audit = AuditLog()
         self._ready = False
 
@@ -135,8 +138,8 @@ class SecurityServicer(pb_grpc.SecurityServicer):
         self._check_ready()
         rec = await self.db.call(lambda c: self.api_keys.authenticate_sync(c, request.key_id, request.secret))
         scopes = granted_scopes(rec, request.scopes)
-        token, exp, sk = await asyncio.to_thread(self.tokens.issue, rec, scopes, request.ttl_seconds)
-        return pb.IssueTokenResponse(token=token, expires_at=ts(exp), kid=sk.kid, scopes=scopes)
+        token, exp, kid = await asyncio.to_thread(self.tokens.issue, rec, scopes, request.ttl_seconds)
+        return pb.IssueTokenResponse(token=token, expires_at=ts(exp), kid=kid, scopes=scopes)
 
     async def GetJwks(self, request: pb.GetJwksRequest, context: grpc.aio.ServicerContext) -> pb.GetJwksResponse:
         self._check_ready()

@@ -1,4 +1,6 @@
-"""JWTs for API keys, signed with rotating ES256/RS256 keys published as a JWKS.
+"""JWTs for API keys, signed with rotating ES256/RS256 keys published as a JWKS
+(or, with ``signing_algorithm: HS256``, for development, with a secret shared with
+the gateway; the asymmetric keys then still exist but sign nothing).
 
 Signing keys are generated on first start; the private key (PKCS#8 DER) is stored
 encrypted by the keyring (purpose ``signing-key:<kid>``), the public key as a JWK.
@@ -68,16 +70,20 @@ def _public_jwk(algorithm: str, private_key: Any) -> dict[str, str]:
 
 
 def check_algorithm(algorithm: str, default: str) -> str:
-    algorithm = algorithm or default
+    """The asymmetric algorithm a signing key is made for (HS256 has no key pair)."""
+    algorithm = algorithm or (default if default in ALGORITHMS else ALGORITHMS[0])
     if algorithm not in ALGORITHMS:
         raise InvalidArgument("algorithm", f"must be one of {', '.join(ALGORITHMS)}")
     return algorithm
 
 
 class TokenIssuer:
-    def __init__(self, cfg: SecuritySettings, keyring: Keyring) -> None:
+    def __init__(self, cfg: SecuritySettings, keyring: Keyring, hs256_secret: bytes | None = None) -> None:
+        if cfg.signing_algorithm == "HS256" and hs256_secret is None:
+            raise ValueError("signing_algorithm HS256 needs the shared hs256 secret")
         self.cfg = cfg
         self.keyring = keyring
+        self._hs256_secret = hs256_secret
         self._keys: dict[str, SigningKey] = {}
         self._active: SigningKey | None = None
 
@@ -98,7 +104,7 @@ class TokenIssuer:
         live = [k for k in keys.values() if k.superseded_at is None]
         self._active = max(live, key=lambda k: k.created_at) if live else None
         if self._active is None:
-            self.rotate_sync(conn, self.cfg.signing_algorithm)
+            self.rotate_sync(conn, "")
 
     def rotate_sync(self, conn: sqlite3.Connection, algorithm: str) -> tuple[SigningKey, SigningKey | None]:
         """A new active key; the previous one is superseded now and retired after the longest token TTL."""
@@ -128,14 +134,13 @@ class TokenIssuer:
         return new, old
 
     # ---- tokens and JWKS (no database) -------------------------------------
-    def issue(self, key: ApiKeyRecord, scopes: tuple[str, ...], ttl_seconds: int) -> tuple[str, int, SigningKey]:
-        """(token, exp, signing key). exp ≤ now + token_ttl_seconds and ≤ the key's expiry."""
+    def issue(self, key: ApiKeyRecord, scopes: tuple[str, ...], ttl_seconds: int) -> tuple[str, int, str]:
+        """(token, exp, kid). exp ≤ now + token_ttl_seconds and ≤ the key's expiry."""
         now = int(time.time())
         ttl = min(ttl_seconds or self.cfg.token_ttl_seconds, self.cfg.token_ttl_seconds)
         exp = now + ttl
         if key.expires_at is not None:
             exp = min(exp, int(key.expires_at))
-        sk = self.active
         claims = {
             "iss": self.cfg.issuer,
             "aud": self.cfg.audience,
@@ -150,8 +155,11 @@ class TokenIssuer:
             "nbf": now,
             "exp": exp,
         }
+        if self.cfg.signing_algorithm == "HS256":
+            return jwt.encode(claims, self._hs256_secret, algorithm="HS256", headers={"typ": "JWT"}), exp, ""
+        sk = self.active
         token = jwt.encode(claims, sk.private_key, algorithm=sk.algorithm, headers={"kid": sk.kid, "typ": "JWT"})
-        return token, exp, sk
+        return token, exp, sk.kid
 
     def jwks(self, now: float | None = None) -> dict[str, list[dict[str, str]]]:
         now = time.time() if now is None else now
