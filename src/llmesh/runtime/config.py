@@ -123,6 +123,8 @@ class GatewaySettings(_Model):
     # Entity → operator (mask, redact, hash, pseudonymize); see gateway/masking.py.
     masking: dict[str, str] = {}
     default_timeout_s: float = 120.0
+    # Audit records go to the security service in batches at least this often.
+    audit_flush_interval_s: float = Field(default=0.5, gt=0)
 
 
 class MeshConfig(_Model):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import grpc
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from llmesh.runtime import server
 from llmesh.runtime.channels import peer_channel
@@ -30,8 +32,12 @@ def build() -> server.Service:
         md = ((IDENTITY_KEY, identity.mint(GATEWAY)),)
         return (await security_stub.GetJwks(security_pb2.GetJwksRequest(), metadata=md, timeout=5)).jwks_json
 
-    redis = aioredis.Redis.from_url(cfg.peers.redis, socket_timeout=1.0, socket_connect_timeout=1.0)
-    audit = AuditSink(security, identity)
+    # One immediate retry: a pooled connection that a Redis restart closed is replaced at
+    # once (redis-py's default backoff would outlast the limiter's 0.5 s budget).
+    redis = aioredis.Redis.from_url(cfg.peers.redis, socket_timeout=1.0, socket_connect_timeout=1.0,
+                                    retry=Retry(NoBackoff(), 1))
+    audit = AuditSink(security, identity, interval_s=cfg.audit_flush_interval_s,
+                      spool_dir=mesh.home / "gateway" / "audit-spool")
     pipeline = Pipeline(
         verifier=JwtVerifier(cfg.issuer, cfg.audience, jwks_fetcher=jwks, leeway_s=cfg.jwt_leeway_s,
                              allowed_algs=cfg.jwt_algorithms,

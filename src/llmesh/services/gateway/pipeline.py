@@ -87,7 +87,7 @@ class Pipeline:
             if self.require_signature:
                 nonce = await self._check_signature(route, md, body, caller)
             authorize(caller, policy.scope, list(policy.roles))
-        who = _bucket(caller)
+        who = _bucket(caller, context.peer())
         klass = CLASS_NAMES.get(policy.rate_limit_class, "read")
         # One Redis round trip: nonce claim + token budget + request count.
         await self.limiter.admit(who, klass, nonce_key=nonce, nonce_ttl_s=nonce_ttl(self.skew_s),
@@ -139,9 +139,12 @@ class Pipeline:
         return nonce_key(signed.key_id, signed.nonce)
 
 
-def _bucket(caller: Principal | None) -> str:
+def _bucket(caller: Principal | None, peer: str) -> str:
+    """Who a rate limit counts: the API key (or subject) within its tenant; anonymous
+    calls (token exchange, JWKS) per client address, so one client cannot starve all."""
     if caller is None:
-        return "anonymous"
+        host = peer.rsplit(":", 1)[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
+        return f"anonymous/{host}"
     return f"{caller.tenant}/{caller.api_key_id or caller.subject}"
 
 

@@ -1,0 +1,214 @@
+"""Two more gateway replicas beside the session mesh, sharing a Redis of their own: rate
+limits hold across replicas, Redis can be stopped and restarted under them, and no
+audit record is lost when a replica is stopped (or when the security service cannot
+take the records at that moment)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+import pytest
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from llmesh.auth.signature import sign
+from llmesh.auth_client import ApiKey, gateway_channel
+from llmesh.client import describe_error, local_channel
+from llmesh.inference.v1 import inference_pb2 as pb
+from llmesh.inference.v1 import inference_pb2_grpc as pb_grpc
+from llmesh.sandbox import RedisServer, free_ports
+from llmesh.security.v1 import security_pb2 as spb
+from llmesh.security.v1 import security_pb2_grpc as spb_grpc
+from tests.conftest import Mesh
+
+READ_LIMIT = 20  # read calls per principal per minute, on both replicas
+LIST = "/llmesh.inference.v1.Inference/ListTemplates"
+
+
+@dataclass
+class Replica:
+    port: int
+    config: Path
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LLMESH")}
+        env["LLMESH_CONFIG"] = str(self.config)
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "llmesh.services.gateway"], env=env,
+                                         stdout=out, stderr=subprocess.STDOUT)
+        with grpc.insecure_channel(self.address) as ch:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if r.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                assert self.proc.poll() is None, self.log.read_text()[-2000:]
+                assert time.monotonic() < deadline, "replica not healthy"
+                time.sleep(0.2)
+
+    def stop(self) -> int:
+        """SIGTERM (a clean shutdown) and wait; returns the exit code."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(30)
+        self.proc = None
+        return code
+
+
+@pytest.fixture(scope="module")
+def redis() -> Iterator[RedisServer]:
+    srv = RedisServer()
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def replicas(mesh: Mesh, redis: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Replica]]:
+    folder = tmp_path_factory.mktemp("replicas")
+    doc = yaml.safe_load(mesh.config_path.read_text())
+    out = []
+    for i, port in enumerate(free_ports(2)):
+        gw = dict(doc["gateway"])
+        gw["server"] = {**gw["server"], "port": port, "metrics_port": 0}
+        gw["peers"] = {**gw["peers"], "redis": redis.url}
+        limits = {k: {"requests": 10_000, "window_s": 60} for k in ("read", "write", "generate", "embed", "job", "admin")}
+        gw["rate_limits"] = {**limits, "read": {"requests": READ_LIMIT, "window_s": 60}}
+        # Long enough that only the shutdown flush can deliver a replica's records in time.
+        gw["audit_flush_interval_s"] = 3600
+        path = folder / f"replica{i}.yaml"
+        path.write_text(yaml.safe_dump({**doc, "gateway": gw}))
+        out.append(Replica(port, path, folder / f"replica{i}.log"))
+    for r in out:
+        r.start()
+    yield out
+    for r in out:
+        if r.proc is not None:
+            r.stop()
+
+
+def _security(mesh: Mesh) -> spb_grpc.SecurityStub:
+    return spb_grpc.SecurityStub(local_channel(f"127.0.0.1:{mesh.cfg.security.server.port}", mesh.cfg.home))
+
+
+def _key(mesh: Mesh, owner: str, scopes: list[str]) -> ApiKey:
+    created = _security(mesh).CreateApiKey(spb.CreateApiKeyRequest(owner=owner, tenant="acme", scopes=scopes), timeout=10)
+    return ApiKey(created.key.key_id, created.secret)
+
+
+def _code(call) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
+    try:
+        call()
+    except grpc.RpcError as e:
+        return e.code()
+    return grpc.StatusCode.OK
+
+
+def test_rate_limit_is_shared_by_replicas(mesh: Mesh, replicas: list[Replica]) -> None:
+    key = _key(mesh, f"burst-{uuid.uuid4().hex[:8]}", ["inference:read"])
+    stubs = [pb_grpc.InferenceStub(gateway_channel(r.address, key)) for r in replicas]
+
+    def call(i: int) -> grpc.StatusCode:
+        return _code(lambda: stubs[i % 2].ListTemplates(pb.ListTemplatesRequest(), timeout=20))
+
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(call, range(3 * READ_LIMIT)))
+    assert codes.count(grpc.StatusCode.OK) == READ_LIMIT  # exactly the limit, across both replicas
+    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 2 * READ_LIMIT
+    try:
+        stubs[0].ListTemplates(pb.ListTemplatesRequest(), timeout=20)
+        raise AssertionError("admitted over the limit")
+    except grpc.RpcError as e:
+        failure = describe_error(e)
+        assert failure.code == "RESOURCE_EXHAUSTED" and failure.retry_after_s and 0 < failure.retry_after_s <= 60
+
+
+def test_redis_stopped_and_restarted_under_the_replicas(mesh: Mesh, replicas: list[Replica], redis: RedisServer) -> None:
+    key = _key(mesh, f"outage-{uuid.uuid4().hex[:8]}", ["inference:read", "inference:chat"])
+    token = _security(mesh).IssueToken(spb.IssueTokenRequest(key_id=key.key_id, secret=key.secret), timeout=10).token
+    a = pb_grpc.InferenceStub(gateway_channel(replicas[0].address, key))
+    read = lambda: a.ListTemplates(pb.ListTemplatesRequest(), timeout=20)  # noqa: E731 - read class: fails open
+    write = lambda: a.DeleteConversation(pb.DeleteConversationRequest(conversation_id="c" * 16), timeout=20)  # noqa: E731
+    assert _code(read) == _code(write) == grpc.StatusCode.OK
+
+    redis.stop()
+    try:
+        assert _code(read) == grpc.StatusCode.OK
+        assert _code(write) == grpc.StatusCode.UNAVAILABLE  # writes fail closed
+        # Replay protection still holds on the replica (its own nonce memory).
+        body = pb.ListTemplatesRequest().SerializeToString()
+        md = [("authorization", f"Bearer {token}")] + sign(key.secret.encode(), LIST, body, key_id=key.key_id)
+        raw = pb_grpc.InferenceStub(grpc.insecure_channel(replicas[0].address))
+        assert _code(lambda: raw.ListTemplates(pb.ListTemplatesRequest(), metadata=md, timeout=20)) == grpc.StatusCode.OK
+        assert _code(lambda: raw.ListTemplates(pb.ListTemplatesRequest(), metadata=md, timeout=20)) == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        redis.start()  # same port, empty
+    deadline = time.monotonic() + 15
+    while _code(write) != grpc.StatusCode.OK:  # recovers by itself
+        assert time.monotonic() < deadline, "gateway did not recover after Redis came back"
+        time.sleep(0.2)
+    b = pb_grpc.InferenceStub(gateway_channel(replicas[1].address, key))
+    assert _code(lambda: b.DeleteConversation(pb.DeleteConversationRequest(conversation_id="c" * 16), timeout=20)) == grpc.StatusCode.OK
+
+
+def _audited(mesh: Mesh, actor: str) -> int:
+    return len(_security(mesh).QueryAudit(spb.QueryAuditRequest(actor=actor, limit=1000), timeout=10).records)
+
+
+def test_no_audit_record_is_lost_when_a_replica_stops(mesh: Mesh, replicas: list[Replica]) -> None:
+    owner = f"audited-{uuid.uuid4().hex[:8]}"
+    key = _key(mesh, owner, ["inference:read"])
+    stub = pb_grpc.InferenceStub(gateway_channel(replicas[1].address, key))
+    n = 12
+    for _ in range(n):
+        stub.ListTemplates(pb.ListTemplatesRequest(), timeout=20)
+    assert _audited(mesh, owner) == 0  # still batched in the replica (flush interval 1 h)
+    assert replicas[1].stop() == 0
+    assert _audited(mesh, owner) == n  # the clean shutdown delivered every record
+    replicas[1].start()
+    assert _code(lambda: pb_grpc.InferenceStub(gateway_channel(replicas[1].address, key)).ListTemplates(
+        pb.ListTemplatesRequest(), timeout=20)) == grpc.StatusCode.OK
+
+
+def test_audit_is_spooled_when_security_is_down_at_shutdown(mesh: Mesh, replicas: list[Replica]) -> None:
+    owner = f"spooled-{uuid.uuid4().hex[:8]}"
+    key = _key(mesh, owner, ["inference:read"])
+    stub = pb_grpc.InferenceStub(gateway_channel(replicas[0].address, key))
+    n = 7
+    for _ in range(n):
+        stub.ListTemplates(pb.ListTemplatesRequest(), timeout=20)
+    security_pid = mesh.pid("security")
+    os.kill(security_pid, signal.SIGSTOP)  # unreachable, without the supervisor restarting it
+    try:
+        assert replicas[0].stop() == 0
+    finally:
+        os.kill(security_pid, signal.SIGCONT)
+    spool = mesh.cfg.home / "gateway" / "audit-spool"
+    assert len(list(spool.glob("*.pb"))) == 1
+    assert _audited(mesh, owner) == 0
+    replicas[0].start()  # claims the spool and delivers it first
+    deadline = time.monotonic() + 15
+    while _audited(mesh, owner) != n:
+        assert time.monotonic() < deadline, "spooled audit records were not delivered"
+        time.sleep(0.3)
+    assert not list(spool.iterdir())
+    assert _security(mesh).VerifyAuditChain(spb.VerifyAuditChainRequest(), timeout=10).intact
