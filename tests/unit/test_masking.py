@@ -305,3 +305,24 @@ def test_finding_is_frozen() -> None:
     f = Finding("email", 0, 3, "a@b")
     with pytest.raises(AttributeError):
         f.start = 1  # type: ignore[misc]
+
+
+def test_placeholders_split_across_stream_deltas_are_restored(masker: Masker) -> None:
+    from llmesh.inference.v1 import inference_pb2 as ipb
+    from llmesh.services.gateway.fields import StreamRestorer
+
+    vault = Vault()
+    masked, _ = masker.mask("call 13812348000 or mail a.b@example.com", vault, reversible=True)
+    assert "<PHONE_1>" in masked and "<EMAIL_1>" in masked
+    restorer = StreamRestorer(vault)
+    deltas = ["Sure: <PHO", "NE_1", "> then < email_", "1> ok <", "b>", " 5 < 7", " <PHONE_"]
+    out = []
+    for d in deltas:
+        msg = ipb.GenerateStreamResponse(text_delta=d)
+        restorer.restore(msg)
+        out.append(msg.text_delta)
+    assert out[0] == "Sure: " and out[1] == ""  # held back until the placeholder completes
+    last = restorer.tail(ipb.GenerateStreamResponse)
+    assert last is not None and last.text_delta == "<PHONE_"  # unfinished at the end: as written
+    assert "".join(out) + last.text_delta == "Sure: 13812348000 then a.b@example.com ok <b> 5 < 7 <PHONE_"
+    assert restorer.tail(ipb.GenerateStreamResponse) is None

@@ -60,7 +60,12 @@ def has_pii(descriptor: Descriptor) -> bool:
     return bool(texts or nested)
 
 
-def _walk(msg: Message, fn: Callable[[str, bool], str], reversible_only: bool) -> None:
+# fn(text, reversible, key): key names a top-level singular string field (the kind a
+# streamed delta is), None elsewhere.
+Apply = Callable[[str, bool, str | None], str]
+
+
+def _walk(msg: Message, fn: Apply, reversible_only: bool, top: bool = True) -> None:
     texts, nested = _plan(msg.DESCRIPTOR)
     for f, reversible in texts:
         if reversible_only and not reversible:
@@ -68,25 +73,34 @@ def _walk(msg: Message, fn: Callable[[str, bool], str], reversible_only: bool) -
         if f.message_type is not None:  # map<string, string>
             m = getattr(msg, f.name)
             for k in list(m):
-                m[k] = fn(m[k], reversible)
+                m[k] = fn(m[k], reversible, None)
         elif f.is_repeated:
             values = getattr(msg, f.name)
-            values[:] = [fn(v, reversible) for v in values]
-        elif msg.HasField(f.name) if f.has_presence else getattr(msg, f.name):
-            setattr(msg, f.name, fn(getattr(msg, f.name), reversible))
+            values[:] = [fn(v, reversible, None) for v in values]
+        else:
+            old = getattr(msg, f.name)
+            present = msg.HasField(f.name) if f.has_presence else bool(old)
+            # Top-level plain strings are visited even when empty: a delta may be empty
+            # now and receive a piece carried over from the previous one.
+            if present or (top and not f.has_presence):
+                new = fn(old, reversible, f.name if top else None)
+                if new != old:
+                    setattr(msg, f.name, new)
     for f in nested:
         if f.is_repeated:
             for child in getattr(msg, f.name):
-                _walk(child, fn, reversible_only)
+                _walk(child, fn, reversible_only, False)
         elif msg.HasField(f.name):
-            _walk(getattr(msg, f.name), fn, reversible_only)
+            _walk(getattr(msg, f.name), fn, reversible_only, False)
 
 
 def mask_message(msg: Message, masker: Masker, vault: Vault) -> dict[str, int]:
     """Mask PII fields in place; returns entity counts (never values) for the audit."""
     counts: dict[str, int] = {}
 
-    def apply(text: str, reversible: bool) -> str:
+    def apply(text: str, reversible: bool, _key: str | None) -> str:
+        if not text:
+            return text
         masked, findings = masker.mask(text, vault, reversible=reversible)
         for k, v in masker.summary(findings).items():
             counts[k] = counts.get(k, 0) + v
@@ -98,4 +112,36 @@ def mask_message(msg: Message, masker: Masker, vault: Vault) -> dict[str, int]:
 
 def restore_message(msg: Message, vault: Vault) -> None:
     """Put the caller's own values back into the reversible PII fields of a response."""
-    _walk(msg, lambda text, _: vault.restore(text), reversible_only=True)
+    _walk(msg, lambda text, _r, _k: vault.restore(text), reversible_only=True)
+
+
+class StreamRestorer:
+    """Restores placeholders in a stream of responses whose top-level text fields are
+    deltas: a placeholder the model emits across two deltas (``"<PHO"`` + ``"NE_1>"``)
+    is held back at the cut and restored whole in the next message; ``tail`` returns
+    what is still held when the stream ends."""
+
+    def __init__(self, vault: Vault) -> None:
+        self.vault = vault
+        self._carry: dict[str, str] = {}
+
+    def restore(self, msg: Message) -> None:
+        def apply(text: str, _reversible: bool, key: str | None) -> str:
+            if key is None:
+                return self.vault.restore(text)
+            text = self._carry.pop(key, "") + text
+            cut = self.vault.partial_tail(text)
+            if cut < len(text):
+                self._carry[key] = text[cut:]
+            return self.vault.restore(text[:cut])
+
+        _walk(msg, apply, reversible_only=True)
+
+    def tail(self, cls: type[Message]) -> Message | None:
+        """A last message with the held-back text (an unfinished placeholder stays as
+        the model wrote it), or None when nothing is held."""
+        if not self._carry:
+            return None
+        msg = cls(**self._carry)
+        self._carry.clear()
+        return msg

@@ -261,6 +261,8 @@ def _canonical(entity: str, value: str) -> str:
 
 # ---------------------------------------------------------------- vault
 _PLACEHOLDER = re.compile(r"<\s*([A-Za-z][A-Za-z0-9_]*_[0-9]+)\s*>")  # LLMs add spaces / change case
+_PARTIAL = re.compile(r"<\s*[A-Za-z0-9_]*\s*")  # an unfinished placeholder at the end of a delta
+_LONGEST_PARTIAL = 48
 
 
 class Vault:
@@ -291,6 +293,19 @@ class Vault:
         if not self._values or "<" not in text:
             return text
         return _PLACEHOLDER.sub(lambda m: self._values.get(f"<{m.group(1).upper()}>", m.group()), text)
+
+    def partial_tail(self, text: str) -> int:
+        """Where ``text`` ends in what may be the start of one of this vault's
+        placeholders (``"... <PHO"``), else ``len(text)``: a streamed delta is cut there
+        and the rest waits for the next delta."""
+        i = text.rfind("<")
+        if i < 0 or len(text) - i > _LONGEST_PARTIAL:
+            return len(text)
+        frag = text[i:]
+        if not _PARTIAL.fullmatch(frag):
+            return len(text)
+        squeezed = "".join(frag.split()).upper()
+        return i if any(ph.startswith(squeezed) for ph in self._values) else len(text)
 
     def __len__(self) -> int:
         return len(self._values)

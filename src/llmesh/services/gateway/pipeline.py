@@ -21,7 +21,7 @@ from llmesh.security.v1 import security_pb2, security_pb2_grpc
 from llmesh.services.gateway.audit import GATEWAY, AuditSink
 from llmesh.auth.policy import authorize
 from llmesh.services.gateway.authn import JwtVerifier, Principal
-from llmesh.services.gateway.fields import has_pii, mask_message, message_class, restore_message
+from llmesh.services.gateway.fields import StreamRestorer, has_pii, mask_message, message_class, restore_message
 from llmesh.services.gateway.masking import Masker, Vault
 from llmesh.services.gateway.proxy import Forward, forwardable
 from llmesh.services.gateway.ratelimit import RateLimiter
@@ -106,12 +106,21 @@ class Pipeline:
                 entities[k] = entities.get(k, 0) + v
             return msg.SerializeToString()
 
+        streamer = StreamRestorer(vault) if route.server_streaming else None
+
         def restore_response(raw: bytes) -> bytes:
             if not restore_out or not len(vault):
                 return raw
             msg = out_cls.FromString(raw)
-            restore_message(msg, vault)
+            if streamer is not None:
+                streamer.restore(msg)
+            else:
+                restore_message(msg, vault)
             return msg.SerializeToString()
+
+        def response_tail() -> bytes | None:
+            last = streamer.tail(out_cls) if streamer is not None else None
+            return None if last is None else last.SerializeToString()
 
         internal = ANONYMOUS if caller is None else InternalPrincipal(caller.subject, caller.tenant, caller.scopes, caller.roles)
         metadata = [*forwardable(context.invocation_metadata()), (IDENTITY_KEY, self.identity.mint(internal))]
@@ -128,7 +137,7 @@ class Pipeline:
                 attributes={"tenant": internal.tenant, "latency_ms": f"{(time.perf_counter() - started) * 1000:.2f}",
                             "request_sha256": digest, "pii": ",".join(f"{k}={v}" for k, v in sorted(entities.items()))}))
 
-        return Forward(metadata, mask_request, restore_response, done)
+        return Forward(metadata, mask_request, restore_response, done, response_tail)
 
     async def _check_signature(self, route: Route, md: dict, body: bytes | None, caller: Principal) -> str:
         """Verify the HMAC; returns the Redis key of the nonce, which ``admit`` claims."""

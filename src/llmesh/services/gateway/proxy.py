@@ -37,6 +37,9 @@ class Forward:
     response: Transform = _same  # applied to every response message (unmasking)
     # Called once when the call ends, with its status and last response (audit, token usage).
     done: Callable[[grpc.StatusCode, bytes | None], Awaitable[None]] = _nothing
+    # After a response stream ended OK: one more message to send (text held back by
+    # ``response`` at the end of the stream), or None.
+    tail: Callable[[], bytes | None] = lambda: None
 
 
 # Called before forwarding with the first request message (None for an empty client
@@ -142,6 +145,9 @@ class ProxyHandler(grpc.GenericRpcHandler):
                 last = msg
                 yield fwd.response(msg)
             code = grpc.StatusCode.OK
+            extra = fwd.tail()
+            if extra is not None:
+                yield extra
         except grpc.aio.AioRpcError as err:
             code = err.code()
             await _relay_error(context, err)
