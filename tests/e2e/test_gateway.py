@@ -109,6 +109,18 @@ def test_attacks_are_refused(mesh: Mesh, gateway: grpc.Channel, creds: tuple[Api
     # A valid token of one key with the signature of another.
     md = auth + sign(reader.secret.encode(), GENERATE, body, key_id=reader.key_id)
     assert _raw(gateway, md, req) == unauth
+    # Every refusal is audited with its status and reason (never a credential).
+    deadline = time.monotonic() + 15
+    while True:
+        records = _security(mesh).QueryAudit(spb.QueryAuditRequest(action=GENERATE, limit=1000), timeout=10).records
+        refused = [r for r in records if r.outcome in ("UNAUTHENTICATED", "PERMISSION_DENIED")]
+        if len(refused) >= 11:
+            break
+        assert time.monotonic() < deadline, f"refusals not audited: {len(refused)}"
+        time.sleep(0.3)
+    assert any(r.outcome == "PERMISSION_DENIED" and "inference:generate" in r.attributes["reason"] for r in refused)
+    assert any(r.attributes["reason"] == "replayed nonce" for r in refused)
+    assert token not in str(records) and key.secret not in str(records)
 
 
 def test_pii_is_masked_before_the_model_and_audited_without_values(mesh: Mesh, signed: pb_grpc.InferenceStub) -> None:

@@ -44,7 +44,8 @@ def load_secret(home: Path, name: str = "internal.key") -> bytes:
     """A 32-byte secret shared by the mesh's processes on this host
     (``LLMESH_HOME/security/<name>``, 0600); the first process to need it creates it."""
     path = home / "security" / name
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # The folder also holds the security service's database and master key: owner only.
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:

@@ -60,10 +60,10 @@ class AuditSink:
     def _spool(self) -> None:
         if self._spool_dir is None or not self._pending:
             return
-        self._spool_dir.mkdir(parents=True, exist_ok=True)
+        self._spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = self._spool_dir / f"{time.time_ns()}-{os.getpid()}.pb"
         tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
             f.write(security_pb2.AppendAuditBatchRequest(records=self._pending).SerializeToString())
             f.flush()
             os.fsync(f.fileno())

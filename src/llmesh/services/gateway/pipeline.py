@@ -14,7 +14,7 @@ import grpc
 
 from llmesh.common.v1 import options_pb2, types_pb2
 from llmesh.auth.signature import key_id_of, nonce_key, nonce_ttl, verify
-from llmesh.runtime.errors import Unauthenticated
+from llmesh.runtime.errors import LlmeshError, Unauthenticated
 from llmesh.runtime.identity import IDENTITY_KEY, InternalIdentity
 from llmesh.runtime.identity import Principal as InternalPrincipal
 from llmesh.security.v1 import security_pb2, security_pb2_grpc
@@ -78,20 +78,27 @@ class Pipeline:
 
     async def admit(self, route: Route, context: grpc.aio.ServicerContext, body: bytes | None) -> Forward:
         started = time.perf_counter()
-        md = dict(context.invocation_metadata() or ())
+        digest = hashlib.sha256(body or b"").hexdigest()
         policy = route.policy
         caller: Principal | None = None
-        nonce: str | None = None
-        if not policy.anonymous:
-            caller = await self.verifier.verify(str(md.get("authorization", "")))
-            if self.require_signature:
-                nonce = await self._check_signature(route, md, body, caller)
-            authorize(caller, policy.scope, list(policy.roles))
-        who = _bucket(caller, context.peer())
-        klass = CLASS_NAMES.get(policy.rate_limit_class, "read")
-        # One Redis round trip: nonce claim + token budget + request count.
-        await self.limiter.admit(who, klass, nonce_key=nonce, nonce_ttl_s=nonce_ttl(self.skew_s),
-                                 tokens=klass == "generate")
+        try:
+            md = dict(context.invocation_metadata() or ())
+            nonce: str | None = None
+            if not policy.anonymous:
+                caller = await self.verifier.verify(str(md.get("authorization", "")))
+                if self.require_signature:
+                    nonce = await self._check_signature(route, md, body, caller)
+                authorize(caller, policy.scope, list(policy.roles))
+            who = _bucket(caller, context.peer())
+            klass = CLASS_NAMES.get(policy.rate_limit_class, "read")
+            # One Redis round trip: nonce claim + token budget + request count.
+            await self.limiter.admit(who, klass, nonce_key=nonce, nonce_ttl_s=nonce_ttl(self.skew_s),
+                                     tokens=klass == "generate")
+        except LlmeshError as e:  # refused calls are audited too, with the reason
+            actor = caller.subject if caller else ("anonymous" if policy.anonymous else "unauthenticated")
+            self._audit(route, actor, caller.tenant if caller else "", e.code, started, digest,
+                        {"reason": str(e)[:200], "peer": context.peer()})
+            raise
 
         vault = Vault()
         entities: dict[str, int] = {}
@@ -125,19 +132,23 @@ class Pipeline:
         internal = ANONYMOUS if caller is None else InternalPrincipal(caller.subject, caller.tenant, caller.scopes, caller.roles)
         metadata = [*forwardable(context.invocation_metadata()), (IDENTITY_KEY, self.identity.mint(internal))]
         metadata = [(k, v) for k, v in metadata if not k.startswith("x-llmesh-") or k == IDENTITY_KEY]
-        digest = hashlib.sha256(body or b"").hexdigest()
 
         async def done(code: grpc.StatusCode, last: bytes | None) -> None:
             if code == grpc.StatusCode.OK and klass == "generate" and last is not None:
                 used = _usage(out_cls, last)
                 if used:
                     await self.limiter.debit(who, used)
-            self.audit.record(security_pb2.AppendAuditRequest(
-                actor=internal.subject, action=route.path, resource=route.service, outcome=code.name,
-                attributes={"tenant": internal.tenant, "latency_ms": f"{(time.perf_counter() - started) * 1000:.2f}",
-                            "request_sha256": digest, "pii": ",".join(f"{k}={v}" for k, v in sorted(entities.items()))}))
+            self._audit(route, internal.subject, internal.tenant, code, started, digest,
+                        {"pii": ",".join(f"{k}={v}" for k, v in sorted(entities.items()))})
 
         return Forward(metadata, mask_request, restore_response, done, response_tail)
+
+    def _audit(self, route: Route, actor: str, tenant: str, code: grpc.StatusCode, started: float, digest: str,
+               extra: dict[str, str]) -> None:
+        self.audit.record(security_pb2.AppendAuditRequest(
+            actor=actor, action=route.path, resource=route.service, outcome=code.name,
+            attributes={"tenant": tenant, "latency_ms": f"{(time.perf_counter() - started) * 1000:.2f}",
+                        "request_sha256": digest, **extra}))
 
     async def _check_signature(self, route: Route, md: dict, body: bytes | None, caller: Principal) -> str:
         """Verify the HMAC; returns the Redis key of the nonce, which ``admit`` claims."""
