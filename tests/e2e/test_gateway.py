@@ -56,7 +56,9 @@ def signed(gateway: grpc.Channel, creds: tuple[ApiKey, str]) -> pb_grpc.Inferenc
 
 
 def test_signed_calls_pass_in_every_shape(signed: pb_grpc.InferenceStub) -> None:
-    r = signed.Generate(pb.GenerateRequest(prompt="hello", sampling=sampling(max_tokens=4, seed=1)), timeout=30)
+    r, call = signed.Generate.with_call(pb.GenerateRequest(prompt="hello", sampling=sampling(max_tokens=4, seed=1)), timeout=30)
+    ids = [v for k, v in call.trailing_metadata() if k == "x-request-id"]
+    assert len(ids) == 1 and ids[0]  # one request id, the same at the gateway and the service
     assert r.usage.completion_tokens > 0
     streamed = "".join(m.text_delta for m in signed.GenerateStream(
         pb.GenerateRequest(prompt="hello", sampling=sampling(max_tokens=4, seed=1)), timeout=30))

@@ -8,13 +8,14 @@ from typing import AsyncIterator
 
 import grpc
 import pytest
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from llmesh.client import describe_error
 from llmesh.inference.v1 import inference_pb2 as ipb
 from llmesh.inference.v1 import inference_pb2_grpc as igrpc
 from llmesh.retrieval.v1 import retrieval_pb2 as rpb
 from llmesh.retrieval.v1 import retrieval_pb2_grpc as rgrpc
-from llmesh.runtime.errors import InvalidArgument
+from llmesh.runtime.errors import InvalidArgument, ResourceExhausted
 from llmesh.runtime.interceptors import ErrorMappingInterceptor
 from llmesh.services.gateway.proxy import Forward, ProxyHandler, Upstreams, forwardable
 from llmesh.services.gateway.routes import build_routes
@@ -29,7 +30,8 @@ class Inference(igrpc.InferenceServicer):
         if not request.prompt:
             raise InvalidArgument("prompt", "must not be empty")
         md = dict(context.invocation_metadata())
-        self.seen.update(deadline=context.time_remaining(), custom=md.get("x-custom"), auth=md.get("authorization"))
+        self.seen.update(deadline=context.time_remaining(), custom=md.get("x-custom"), auth=md.get("authorization"),
+                         traceparent=md.get("traceparent"))
         return ipb.GenerateResponse(text=request.prompt.upper())
 
     async def GenerateStream(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
@@ -71,9 +73,15 @@ async def mesh():  # type: ignore[no-untyped-def]
     upstreams = Upstreams([address], 16 * 1024 * 1024)
 
     async def admit(route, context, body):  # type: ignore[no-untyped-def]
-        return Forward(forwardable(context.invocation_metadata()))
+        gate = None
+        if "x-refuse" in dict(context.invocation_metadata()):  # a check that fails after the call started
+            async def refuse() -> None:
+                await asyncio.sleep(0.05)
+                raise ResourceExhausted("over the limit", retry_after_s=1)
+            gate = asyncio.ensure_future(refuse())
+        return Forward(forwardable(context.invocation_metadata()), gate=gate)
 
-    gateway = grpc.aio.server(interceptors=[ErrorMappingInterceptor()])
+    gateway = grpc.aio.server(interceptors=[aio_server_interceptor(), ErrorMappingInterceptor()])
     gateway.add_generic_rpc_handlers([ProxyHandler(routes, upstreams, admit, default_timeout_s=30)])
     gw_port = gateway.add_insecure_port("127.0.0.1:0")
     await gateway.start()
@@ -93,6 +101,14 @@ async def test_unary_with_metadata_and_deadline(mesh) -> None:  # type: ignore[n
     assert inference.seen["custom"] == "v"
     assert inference.seen["auth"] is None  # credentials stop at the gateway
     assert 0 < inference.seen["deadline"] < 5.5  # the caller's deadline travelled
+
+
+async def test_trace_context_reaches_upstream(mesh) -> None:  # type: ignore[no-untyped-def]
+    inference, channel = mesh
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    await igrpc.InferenceStub(channel).Generate(
+        ipb.GenerateRequest(prompt="hi"), timeout=5, metadata=(("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01"),))
+    assert inference.seen["traceparent"].split("-")[1] == trace_id  # same trace, the gateway's span as parent
 
 
 async def test_upstream_error_and_rich_details_pass_through(mesh) -> None:  # type: ignore[no-untyped-def]
@@ -151,3 +167,17 @@ async def test_unrouted_and_unimplemented_methods(mesh) -> None:  # type: ignore
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await trainer_pb2_grpc.TrainerStub(channel).GetJob(trainer_pb2.GetJobRequest(job_id="j"), timeout=5)
     assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_a_failed_gate_releases_nothing_and_cancels_upstream(mesh) -> None:  # type: ignore[no-untyped-def]
+    inference, channel = mesh
+    stub = igrpc.InferenceStub(channel)
+    got = []
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        async for m in stub.GenerateStream(ipb.GenerateRequest(prompt="x"), timeout=5, metadata=(("x-refuse", "1"),)):
+            got.append(m)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and got == []
+    await asyncio.wait_for(inference.stream_cancelled.wait(), 5)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await stub.Generate(ipb.GenerateRequest(prompt="x"), timeout=5, metadata=(("x-refuse", "1"),))
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -39,10 +39,12 @@ def channel_options(max_message_bytes: int = 16 * 1024 * 1024) -> list[tuple[str
     ]
 
 
-def peer_channel(target: str, *, max_message_bytes: int = 16 * 1024 * 1024) -> grpc.aio.Channel:
-    """An aio channel to a peer service. Create it inside the running event loop."""
+def peer_channel(target: str, *, max_message_bytes: int = 16 * 1024 * 1024, traced: bool = True) -> grpc.aio.Channel:
+    """An aio channel to a peer service. Create it inside the running event loop.
+    ``traced``: a client span per call (OpenTelemetry); without it the caller
+    propagates the trace context itself (the gateway's proxy does)."""
     return grpc.aio.insecure_channel(
-        target, options=channel_options(max_message_bytes), interceptors=aio_client_interceptors()
+        target, options=channel_options(max_message_bytes), interceptors=aio_client_interceptors() if traced else None
     )
 
 

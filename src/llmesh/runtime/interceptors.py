@@ -107,7 +107,6 @@ def _is_abort(exc: BaseException) -> bool:
 def _wrap_unary(method: str, fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     async def handler(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
         call = _Call(method, context)
-        await context.send_initial_metadata(((REQUEST_ID_KEY, call.request_id),))
         try:
             response = await fn(request_or_iterator, context)
         except BaseException as exc:
@@ -116,6 +115,11 @@ def _wrap_unary(method: str, fn: Callable[..., Awaitable[Any]]) -> Callable[...,
                 raise
             await call.fail(exc)
             return None
+        # A unary response carries the request id in its trailers: sending initial
+        # metadata early would cost a separate write per call.
+        trailers = tuple(context.trailing_metadata() or ())
+        if not any(k == REQUEST_ID_KEY for k, _ in trailers):
+            context.set_trailing_metadata((*trailers, (REQUEST_ID_KEY, call.request_id)))
         call.ok()
         return response
 

@@ -6,9 +6,11 @@ fields → forward with an internal identity → unmask the response → audit."
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
 
 import grpc
 
@@ -16,6 +18,7 @@ from llmesh.common.v1 import options_pb2, types_pb2
 from llmesh.auth.signature import key_id_of, nonce_key, nonce_ttl, verify
 from llmesh.runtime.errors import LlmeshError, Unauthenticated
 from llmesh.runtime.identity import IDENTITY_KEY, InternalIdentity
+from llmesh.runtime.interceptors import REQUEST_ID_KEY, request_id_var
 from llmesh.runtime.identity import Principal as InternalPrincipal
 from llmesh.security.v1 import security_pb2, security_pb2_grpc
 from llmesh.services.gateway.audit import GATEWAY, AuditSink
@@ -75,12 +78,19 @@ class Pipeline:
     audit: AuditSink
     require_signature: bool
     skew_s: float
+    _debits: set[asyncio.Task[int | None]] = field(default_factory=set)
 
     async def admit(self, route: Route, context: grpc.aio.ServicerContext, body: bytes | None) -> Forward:
         started = time.perf_counter()
         digest = hashlib.sha256(body or b"").hexdigest()
         policy = route.policy
         caller: Principal | None = None
+
+        def refused(e: LlmeshError) -> None:  # refused calls are audited too, with the reason
+            actor = caller.subject if caller else ("anonymous" if policy.anonymous else "unauthenticated")
+            self._audit(route, actor, caller.tenant if caller else "", e.code, started, digest,
+                        {"reason": str(e)[:200], "peer": context.peer()})
+
         try:
             md = dict(context.invocation_metadata() or ())
             nonce: str | None = None
@@ -89,16 +99,22 @@ class Pipeline:
                 if self.require_signature:
                     nonce = await self._check_signature(route, md, body, caller)
                 authorize(caller, policy.scope, list(policy.roles))
-            who = _bucket(caller, context.peer())
-            klass = CLASS_NAMES.get(policy.rate_limit_class, "read")
-            # One Redis round trip: nonce claim + token budget + request count.
-            await self.limiter.admit(who, klass, nonce_key=nonce, nonce_ttl_s=nonce_ttl(self.skew_s),
-                                     tokens=klass == "generate")
-        except LlmeshError as e:  # refused calls are audited too, with the reason
-            actor = caller.subject if caller else ("anonymous" if policy.anonymous else "unauthenticated")
-            self._audit(route, actor, caller.tenant if caller else "", e.code, started, digest,
-                        {"reason": str(e)[:200], "peer": context.peer()})
+        except LlmeshError as e:
+            refused(e)
             raise
+        who = _bucket(caller, context.peer())
+        klass = CLASS_NAMES.get(policy.rate_limit_class, "read")
+        # One Redis round trip: nonce claim + token budget + request count. Read-class
+        # methods are side-effect free by policy, so that round trip overlaps the
+        # upstream call (the proxy releases no response before it passed); every other
+        # class is checked before anything is forwarded.
+        quota = _audited(self.limiter.admit(who, klass, nonce_key=nonce, nonce_ttl_s=nonce_ttl(self.skew_s),
+                                            tokens=klass == "generate"), refused)
+        gate: Awaitable[None] | None = None
+        if klass == "read":
+            gate = asyncio.ensure_future(quota)
+        else:
+            await quota
 
         vault = Vault()
         entities: dict[str, int] = {}
@@ -131,17 +147,21 @@ class Pipeline:
 
         internal = ANONYMOUS if caller is None else InternalPrincipal(caller.subject, caller.tenant, caller.scopes, caller.roles)
         metadata = [*forwardable(context.invocation_metadata()), (IDENTITY_KEY, self.identity.mint(internal))]
-        metadata = [(k, v) for k, v in metadata if not k.startswith("x-llmesh-") or k == IDENTITY_KEY]
+        metadata = [(k, v) for k, v in metadata if (not k.startswith("x-llmesh-") or k == IDENTITY_KEY) and k != REQUEST_ID_KEY]
+        if rid := request_id_var.get():
+            metadata.append((REQUEST_ID_KEY, rid))  # one request id across the hops
 
         async def done(code: grpc.StatusCode, last: bytes | None) -> None:
-            if code == grpc.StatusCode.OK and klass == "generate" and last is not None:
-                used = _usage(out_cls, last)
-                if used:
-                    await self.limiter.debit(who, used)
             self._audit(route, internal.subject, internal.tenant, code, started, digest,
                         {"pii": ",".join(f"{k}={v}" for k, v in sorted(entities.items()))})
+            if code == grpc.StatusCode.OK and klass == "generate" and last is not None:
+                used = _usage(out_cls, last)
+                if used:  # off the response path: the budget is eventually consistent anyway
+                    task = asyncio.create_task(self.limiter.debit(who, used))
+                    self._debits.add(task)
+                    task.add_done_callback(self._debits.discard)
 
-        return Forward(metadata, mask_request, restore_response, done, response_tail)
+        return Forward(metadata, mask_request, restore_response, done, response_tail, gate)
 
     def _audit(self, route: Route, actor: str, tenant: str, code: grpc.StatusCode, started: float, digest: str,
                extra: dict[str, str]) -> None:
@@ -157,6 +177,14 @@ class Pipeline:
             raise Unauthenticated("signature key id does not match the token's key")
         signed = verify(await self.secrets.get(key_id), route.path, body or b"", md, skew_s=self.skew_s)
         return nonce_key(signed.key_id, signed.nonce)
+
+
+async def _audited(check: Awaitable[None], refused: Callable[[LlmeshError], None]) -> None:
+    try:
+        await check
+    except LlmeshError as e:
+        refused(e)
+        raise
 
 
 def _bucket(caller: Principal | None, peer: str) -> str:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
 import grpc
+from opentelemetry.propagate import inject
 
 from llmesh.runtime.channels import peer_channel
 from llmesh.services.gateway.routes import Route
@@ -40,6 +41,9 @@ class Forward:
     # After a response stream ended OK: one more message to send (text held back by
     # ``response`` at the end of the stream), or None.
     tail: Callable[[], bytes | None] = lambda: None
+    # A check still running when the upstream call starts (read-class rate limit): no
+    # response is released before it passed; if it fails, the upstream call is cancelled.
+    gate: Awaitable[None] | None = None
 
 
 # Called before forwarding with the first request message (None for an empty client
@@ -55,7 +59,10 @@ class Upstreams:
     """One channel per upstream address, created once."""
 
     def __init__(self, addresses: Sequence[str], max_message_bytes: int) -> None:
-        self._channels = {a: peer_channel(a, max_message_bytes=max_message_bytes) for a in dict.fromkeys(addresses)}
+        # No client span per forwarded call: the gateway's server span is the parent of
+        # the upstream's span (``_traced``), which keeps the trace whole for less.
+        self._channels = {a: peer_channel(a, max_message_bytes=max_message_bytes, traced=False)
+                          for a in dict.fromkeys(addresses)}
 
     def channel(self, address: str) -> grpc.aio.Channel:
         return self._channels[address]
@@ -99,7 +106,8 @@ class ProxyHandler(grpc.GenericRpcHandler):
 
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes | None:
             fwd = await self.admit(route, context, request)
-            call = rpc(fwd.request(request), timeout=self._timeout(context), metadata=fwd.metadata)
+            call = rpc(fwd.request(request), timeout=self._timeout(context), metadata=_traced(fwd.metadata))
+            await _pass(fwd, call)
             return await _answer(call, fwd, context)
 
         return handle
@@ -109,7 +117,8 @@ class ProxyHandler(grpc.GenericRpcHandler):
 
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
             fwd = await self.admit(route, context, request)
-            call = rpc(fwd.request(request), timeout=self._timeout(context), metadata=fwd.metadata)
+            call = rpc(fwd.request(request), timeout=self._timeout(context), metadata=_traced(fwd.metadata))
+            await _pass(fwd, call)
             async for msg in self._relay(call, fwd, context):
                 yield msg
 
@@ -121,7 +130,8 @@ class ProxyHandler(grpc.GenericRpcHandler):
         async def handle(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes | None:
             first, rest = await _peek(requests)
             fwd = await self.admit(route, context, first)
-            call = rpc(_mapped(first, rest, fwd.request), timeout=self._timeout(context), metadata=fwd.metadata)
+            call = rpc(_mapped(first, rest, fwd.request), timeout=self._timeout(context), metadata=_traced(fwd.metadata))
+            await _pass(fwd, call)
             return await _answer(call, fwd, context)
 
         return handle
@@ -132,7 +142,8 @@ class ProxyHandler(grpc.GenericRpcHandler):
         async def handle(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
             first, rest = await _peek(requests)
             fwd = await self.admit(route, context, first)
-            call = rpc(_mapped(first, rest, fwd.request), timeout=self._timeout(context), metadata=fwd.metadata)
+            call = rpc(_mapped(first, rest, fwd.request), timeout=self._timeout(context), metadata=_traced(fwd.metadata))
+            await _pass(fwd, call)
             async for msg in self._relay(call, fwd, context):
                 yield msg
 
@@ -154,6 +165,23 @@ class ProxyHandler(grpc.GenericRpcHandler):
         finally:
             call.cancel()  # the client went away (or we are done): stop the upstream too
             await fwd.done(code, last)
+
+
+def _traced(metadata: Metadata) -> list[tuple[str, str | bytes]]:
+    """The call's metadata plus the current trace context (W3C ``traceparent``)."""
+    carrier: dict[str, str] = {}
+    inject(carrier)
+    return [*metadata, *carrier.items()]
+
+
+async def _pass(fwd: Forward, call) -> None:  # type: ignore[no-untyped-def]
+    if fwd.gate is None:
+        return
+    try:
+        await fwd.gate
+    except BaseException:
+        call.cancel()
+        raise
 
 
 async def _answer(call, fwd: Forward, context: grpc.aio.ServicerContext) -> bytes | None:  # type: ignore[no-untyped-def]
