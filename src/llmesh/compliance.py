@@ -41,7 +41,7 @@ from llmesh.services.inference.server import InferenceServicer
 from llmesh.services.security import apikeys, tokens
 from llmesh.services.security.keyring import DecryptError, StoredCiphertexts, parse_header, version_name
 from llmesh.services.security.server import SecurityServicer
-from llmesh.services.security.store import _connect as connect_db  # the service's own read-only connection
+from llmesh.runtime.sqlite import connect as connect_db  # the services' own read-only connection
 
 Status = Literal["pass", "warn", "fail"]
 Finding = tuple[Status, str]

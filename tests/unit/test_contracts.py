@@ -36,7 +36,7 @@ def test_every_method_declares_its_policy(pkg: str, name: str) -> None:
         assert policy.rate_limit_class != options_pb2.RATE_LIMIT_CLASS_UNSPECIFIED, m.full_name
 
 
-IMPLEMENTED = {"inference", "security"}
+IMPLEMENTED = {"inference", "security", "trainer"}
 
 
 def test_implemented_services_and_the_drafts_are_marked() -> None:

@@ -89,6 +89,19 @@ class SecuritySettings(_Model):
     signing_algorithm: Literal["ES256", "RS256", "HS256"] = "ES256"
 
 
+class TrainerSettings(_Model):
+    server: ServerSettings = ServerSettings(port=50063, metrics_port=9463)
+    # ImportDataset reads files only inside this folder; empty: LLMESH_HOME/datasets.
+    dataset_root: str = ""
+    max_dataset_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
+    # Jobs run one at a time in a worker process; one that dies is restarted from its
+    # last checkpoint up to this many times in all.
+    max_attempts: int = Field(default=3, ge=1)
+    checkpoint_every_steps: int = Field(default=20, ge=1)
+    # Eval examples generated greedily for ROUGE-L / exact match (the loss uses all).
+    eval_generate_limit: int = Field(default=64, ge=1)
+
+
 class GatewayPeers(_Model):
     security: str
     redis: str
@@ -134,6 +147,7 @@ class MeshConfig(_Model):
     inference: InferenceSettings
     gateway: GatewaySettings
     security: SecuritySettings = SecuritySettings()
+    trainer: TrainerSettings = TrainerSettings()
 
     @field_validator("home")
     @classmethod
@@ -162,6 +176,14 @@ class MeshConfig(_Model):
     @property
     def adapter_dir(self) -> Path:
         return self.home / "adapters"
+
+    @property
+    def trainer_dir(self) -> Path:
+        return self.home / "trainer"
+
+    @property
+    def dataset_root(self) -> Path:
+        return Path(self.trainer.dataset_root) if self.trainer.dataset_root else self.home / "datasets"
 
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from llmesh.services.security import tokens as tokens_mod
 from llmesh.services.security.apikeys import ApiKeyRecord, ApiKeys, granted_scopes
 from llmesh.services.security.audit import AuditEntry, AuditLog, StoredRecord
 from llmesh.services.security.keyring import DecryptError, Keyring
-from llmesh.services.security.store import Database
+from llmesh.services.security.store import open_database
 from llmesh.services.security.tokens import TokenIssuer
 
 log = logging.getLogger("llmesh.security")
@@ -72,7 +72,7 @@ class SecurityServicer(pb_grpc.SecurityServicer):
     def __init__(self, cfg: SecuritySettings, state_dir: Path) -> None:
         self.cfg = cfg
         self.state_dir = state_dir
-        self.db = Database(state_dir / "security.db")
+        self.db = open_database(state_dir / "security.db")
         self.keyring = Keyring(state_dir / "master.key")
         self.api_keys = ApiKeys(self.keyring)
         # HS256 (development): the secret the gateway shares, LLMESH_HOME/security/jwt-hs256.key.
