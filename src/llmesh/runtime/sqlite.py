@@ -17,6 +17,8 @@ import threading
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
+from llmesh.runtime.errors import Unavailable
+
 T = TypeVar("T")
 META = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -86,7 +88,7 @@ class Database:
     def call_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         with self._lock:
             if self._conn is None:
-                raise RuntimeError("database is closed")
+                raise Unavailable("the service is starting (database not open yet)", retry_after_s=1.0)
             return fn(self._conn)
 
     async def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:

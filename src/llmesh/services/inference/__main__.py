@@ -7,6 +7,7 @@ from pathlib import Path
 import grpc
 
 from llmesh.inference.v1 import inference_pb2, inference_pb2_grpc
+from llmesh.adapter_store import Announced
 from llmesh.runtime import server
 from llmesh.runtime.config import load_config
 from llmesh.runtime.identity import InternalIdentity, load_secret
@@ -24,7 +25,7 @@ def build() -> server.Service:
     memory = ChatMemory.from_url(cfg.peers.redis, max_messages=cfg.chat_max_messages, ttl_seconds=cfg.chat_ttl_seconds)
     templates = TemplateLibrary.load(Path(cfg.templates_path) if cfg.templates_path else None)
     identity = InternalIdentity(load_secret(mesh.home))
-    servicer = InferenceServicer(cfg, llm, memory, templates, identity)
+    servicer = InferenceServicer(cfg, llm, memory, templates, identity, Announced(mesh.adapter_dir))
 
     def register(s: grpc.aio.Server) -> list:
         inference_pb2_grpc.add_InferenceServicer_to_server(servicer, s)

@@ -14,6 +14,7 @@ from llmesh.inference.v1 import inference_pb2_grpc as pb_grpc
 from llmesh.runtime.channels import remaining_timeout
 from llmesh.runtime.config import InferenceSettings
 from llmesh.runtime.errors import InvalidArgument, NotFound
+from llmesh.adapter_store import Announced
 from llmesh.runtime.identity import InternalIdentity
 from llmesh.services.inference.llm_backend import Chunk, GenerationInput, LlmBackend
 from llmesh.services.inference.memory import ChatMemory, Message, check_conversation_id, new_conversation_id
@@ -36,12 +37,13 @@ def usage_pb(c: Chunk) -> types_pb2.Usage:
 
 class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(self, cfg: InferenceSettings, llm: LlmBackend, memory: ChatMemory, templates: TemplateLibrary,
-                 identity: InternalIdentity) -> None:
+                 identity: InternalIdentity, adapters: Announced) -> None:
         self.cfg = cfg
         self.llm = llm
         self.memory = memory
         self.templates = templates
         self.identity = identity
+        self.adapters = adapters
 
     def _tenant(self, context: grpc.aio.ServicerContext) -> str:
         """The caller's tenant, from the internal identity (verified, and cached, by the interceptor)."""
@@ -58,7 +60,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def _adapter(self, name: str) -> str:
         if name and not ADAPTER_NAME.match(name):
             raise InvalidArgument("adapter", "must be a name or name@version of [A-Za-z0-9._-]")
-        return name
+        # name / name@alias → the published name@vN folder (registry.json, re-read on change)
+        return self.adapters.resolve(name) if name else name
 
     def _sampling(self, pb_sampling: types_pb2.SamplingParams, defaults: types_pb2.SamplingParams | None = None) -> Sampling:
         return Sampling.from_pb(pb_sampling, default_max_tokens=self.cfg.default_max_tokens,

@@ -1,0 +1,57 @@
+"""The shared adapter store (``LLMESH_HOME/adapters``), as the trainer publishes to it
+and the inference services read it: one folder per adapter version (``name@vN``,
+loaded lazily by every Triton replica) and ``registry.json``, the announcement of
+versions and aliases, replaced atomically on every change."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from llmesh.runtime.errors import NotFound
+
+ANNOUNCEMENT = "registry.json"
+DEFAULT_ALIAS = "live"
+
+
+def folder(name: str, version: int) -> str:
+    return f"{name}@v{version}"
+
+
+class Announced:
+    """The inference side: ``name`` / ``name@alias`` / ``name@vN`` to the folder name the
+    Triton model loads, from ``registry.json`` (re-read when it changes). Names the
+    registry does not know are passed through (plain PEFT folders in the store)."""
+
+    def __init__(self, store: Path) -> None:
+        self.path = store / ANNOUNCEMENT
+        self._stamp: int | None = None
+        self._doc: dict[str, dict] = {}
+
+    def _load(self) -> dict[str, dict]:
+        try:
+            stamp = self.path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return {}
+        if stamp != self._stamp:
+            self._doc = json.loads(self.path.read_text()).get("adapters", {})
+            self._stamp = stamp
+        return self._doc
+
+    def resolve(self, ref: str) -> str:
+        name, _, tag = ref.partition("@")
+        entry = self._load().get(name)
+        if entry is None:
+            return ref
+        if re.fullmatch(r"v[0-9]+", tag):
+            return ref
+        alias = tag or DEFAULT_ALIAS
+        version = entry["aliases"].get(alias)
+        if version is None:
+            if tag:
+                raise NotFound("adapter alias", ref)
+            if not entry["versions"]:
+                raise NotFound("adapter", ref)
+            version = max(entry["versions"])
+        return folder(name, int(version))

@@ -1,0 +1,1 @@
+"""The trainer service: LoRA fine-tuning jobs on uploaded chat datasets, evaluation, adapter registry."""
