@@ -20,6 +20,8 @@ from llmesh.sandbox import free_ports, make_random_adapter, write_config
 TEST_ADAPTER = "test-lora"
 # Small bounds so expiry and trimming are observable within a test.
 TEST_SETTINGS = {"chat_ttl_seconds": 4, "chat_max_messages": 6, "max_prompt_chars": 6000, "max_tokens_limit": 1024}
+# A small upload limit and frequent checkpoints, so both are observable within a test.
+TRAINER_SETTINGS = {"max_dataset_bytes": 200_000, "checkpoint_every_steps": 5}
 __all__ = ["free_ports", "Mesh", "TEST_ADAPTER"]
 
 
@@ -47,7 +49,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     for k in [k for k in os.environ if k.startswith("LLMESH")]:
         del os.environ[k]  # the test mesh is configured only by its own file
     home = tmp_path_factory.mktemp("llmesh-home")
-    path = write_config(home, {"inference": TEST_SETTINGS})
+    path = write_config(home, {"inference": TEST_SETTINGS, "trainer": TRAINER_SETTINGS})
     cfg = load_config(path)
     init_models(cfg.home)
     make_random_adapter(cfg.llm_path, cfg.adapter_dir / TEST_ADAPTER)

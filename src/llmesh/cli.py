@@ -13,9 +13,10 @@ from typing import Annotated, Optional
 
 import grpc
 import typer
-from rich.console import Console
 
-from llmesh.runtime.config import ConfigError, MeshConfig, load_config
+from llmesh import cli_trainer
+from llmesh.cli_common import ConfigOpt, _config, _fail, console, err
+from llmesh.runtime.config import MeshConfig
 
 app = typer.Typer(help="llmesh: serve, adapt and safely expose large models over gRPC.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -25,30 +26,11 @@ audit_app = typer.Typer(help="The tamper-evident audit log (security service).",
 app.add_typer(audit_app, name="audit")
 keys_app = typer.Typer(help="API keys (operators; talks to the security service on loopback).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
-console = Console()
-err = Console(stderr=True)
-
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (default: LLMESH_CONFIG or the bundled default).")]
 AddressOpt = Annotated[Optional[str], typer.Option("--address", help="host:port of the inference API (default: from config).")]
-
-
-def _config(path: Path | None) -> MeshConfig:
-    try:
-        return load_config(path)
-    except ConfigError as e:
-        err.print(f"[red]config error:[/red] {e}")
-        raise typer.Exit(2) from e
 
 
 def _address(cfg: MeshConfig, address: str | None) -> str:
     return address or f"{cfg.inference.server.host}:{cfg.inference.server.port}"
-
-
-def _fail(e: grpc.RpcError) -> None:
-    from llmesh.client import describe_error
-
-    err.print(f"[red]{describe_error(e)}[/red]")
-    raise typer.Exit(1)
 
 
 @models_app.command("init")
@@ -390,6 +372,9 @@ def compliance_report(
         console.print(table)
     if any(c.status == "fail" for c in checks):
         raise typer.Exit(1)
+
+
+cli_trainer.register(app)
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ from llmesh.inference.v1 import inference_pb2_grpc as pb_grpc
 from llmesh.runtime.config import MeshConfig
 from llmesh.runtime.identity import Principal
 from llmesh.security.v1 import security_pb2, security_pb2_grpc
+from llmesh.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 
 console = Console()
 DEMO_TENANT = "demo"
@@ -41,12 +42,17 @@ Operator commands on this host:
   llmesh chat                                    interactive chat with server-side memory
   llmesh audit query --limit 10                  the audit trail of the calls above
   llmesh compliance report                       checks of the running configuration, with evidence
+  llmesh adapters list                           the adapter registry (versions, aliases, evaluation)
+  llmesh train my.jsonl --name my-adapter --watch    a LoRA job on your own data
   grpcurl -plaintext {gateway} list        the public API by reflection
   llmesh down                                    stop everything
 Demo models have random weights: text is noise until llm_path points at a real model
-(see README, "Real models") or a LoRA adapter is trained on the demo FAQ."""
+(see README, "Real models"); the faq adapter above has memorised the bundled FAQ."""
 
-DEMO_SCOPES = ["inference:*"]
+DEMO_SCOPES = ["inference:*", "trainer:*"]
+# Enough for the ~1M-parameter demo LM to memorise the 20 FAQ pairs in seconds on a CPU.
+FAQ_TRAINING = dict(epochs=60, learning_rate=3e-3, batch_size=4, max_length=192, seed=1)
+FAQ_RANK = 16
 PII_PROMPT = "我的手机号是13812348000，邮箱zhang.san@example.com，VPN密码忘了怎么办？"
 
 
@@ -63,8 +69,10 @@ def demo_key(cfg: MeshConfig) -> ApiKey:
     if path.is_file():
         saved = json.loads(path.read_text())
         try:
-            security.IssueToken(security_pb2.IssueTokenRequest(key_id=saved["key_id"], secret=saved["secret"]), timeout=10)
-            return ApiKey(saved["key_id"], saved["secret"])
+            issued = security.IssueToken(security_pb2.IssueTokenRequest(key_id=saved["key_id"], secret=saved["secret"]),
+                                         timeout=10)
+            if set(issued.scopes) == set(DEMO_SCOPES):
+                return ApiKey(saved["key_id"], saved["secret"])
         except grpc.RpcError:
             pass  # revoked, expired or from another mesh: make a new one
     created = security.CreateApiKey(security_pb2.CreateApiKeyRequest(
@@ -98,6 +106,7 @@ def run_demo(cfg: MeshConfig, config_path: Path | None, timeout: float) -> int:
                       "HMAC signature, scope check, rate limits, PII masking, audit")
         channel = gateway_channel(gateway, key)
         show(cfg, pb_grpc.InferenceStub(channel), key)
+        adapt(pb_grpc.InferenceStub(channel), trainer_pb2_grpc.TrainerStub(channel))
         channel.close()
     except grpc.RpcError as e:
         console.print(f"[red]{describe_error(e)}[/red]")
@@ -105,6 +114,44 @@ def run_demo(cfg: MeshConfig, config_path: Path | None, timeout: float) -> int:
     _section("next")
     print(NEXT_STEPS.format(gateway=gateway, key_file=cfg.home / "demo" / "api-key.json"))
     return 0
+
+
+def adapt(inference: pb_grpc.InferenceStub, trainer: trainer_pb2_grpc.TrainerStub) -> None:
+    """Train a LoRA adapter on the bundled FAQ (once), publish it as faq@live, and
+    compare the answers of the base model and the adapter."""
+    from llmesh.cli_trainer import watch
+    from llmesh.models.demo import faq_pairs
+
+    _section("LoRA adapter trained on the bundled FAQ (trainer service, published without a Triton restart)")
+    pairs = faq_pairs()
+    try:
+        live = trainer.GetAdapter(trainer_pb2.GetAdapterRequest(ref="faq@live"), timeout=10)
+        console.print(f"already trained and live: {live.ref} (job {live.job_id})")
+    except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.NOT_FOUND:
+            raise
+        data = json.dumps(pairs, ensure_ascii=False).encode()
+        header = trainer_pb2.DatasetHeader(name="faq.json", eval_fraction=0.1, seed=3)
+        parts = [trainer_pb2.UploadDatasetRequest(header=header), trainer_pb2.UploadDatasetRequest(data=data)]
+        ds = trainer.UploadDataset(iter(parts), timeout=60)
+        console.print(f"dataset {ds.dataset_id}: {ds.train_examples} train + {ds.eval_examples} held-out pairs")
+        job = trainer.CreateJob(trainer_pb2.CreateJobRequest(dataset_id=ds.dataset_id, adapter_name="faq",
+                                                             lora=trainer_pb2.LoraConfig(rank=FAQ_RANK), **FAQ_TRAINING),
+                                timeout=30)
+        job = watch(trainer, job.job_id)
+        if job.state != trainer_pb2.JOB_STATE_SUCCEEDED:
+            raise RuntimeError(f"training failed: {job.error}")
+        console.print(f"held-out loss: base {job.base.loss:.2f} → adapter {job.tuned.loss:.2f} "
+                      f"(perplexity {job.base.perplexity:.0f} → {job.tuned.perplexity:.0f})")
+        live = trainer.PromoteAdapter(trainer_pb2.PromoteAdapterRequest(ref=job.adapter), timeout=30)
+        console.print(f"published {live.ref} and promoted it to faq@live")
+    greedy = sampling(temperature=0.0, max_tokens=120)
+    for pair in (pairs[1], pairs[0]):
+        before = inference.Chat(pb.ChatRequest(message=pair["question"], sampling=greedy), timeout=120).reply.content
+        after = inference.Chat(pb.ChatRequest(message=pair["question"], adapter="faq", sampling=greedy), timeout=120).reply.content
+        console.print(f"Q: {pair['question']}", markup=False, soft_wrap=True)
+        console.print(f"   base model:   {before.strip()[:100]!r}", markup=False, soft_wrap=True)
+        console.print(f"   adapter faq:  {after.strip()[:100]!r}", markup=False, soft_wrap=True)
 
 
 def show(cfg: MeshConfig, stub: pb_grpc.InferenceStub, key: ApiKey) -> None:

@@ -71,17 +71,20 @@ class RedisServer:
 def write_config(home: Path, overrides: dict[str, dict[str, Any]] | None = None) -> Path:
     """A config file for a mesh living in ``home`` on fresh ports; ``overrides`` adds
     or replaces keys per section, e.g. ``{"inference": {"chat_ttl_seconds": 4}}``."""
-    redis_port, t_http, t_grpc, t_metrics, inf_port, inf_metrics, sec_port, sec_metrics, gw_port, gw_metrics = free_ports(10)
+    (redis_port, t_http, t_grpc, t_metrics, inf_port, inf_metrics, sec_port, sec_metrics, gw_port, gw_metrics,
+     tr_port, tr_metrics) = free_ports(12)
     doc = {
         "home": str(home),
         "redis": {"port": redis_port},
         "triton": {"grpc_port": t_grpc, "http_port": t_http, "metrics_port": t_metrics},
         "security": {"server": {"port": sec_port, "metrics_port": sec_metrics, "grace_seconds": 10}},
+        "trainer": {"server": {"port": tr_port, "metrics_port": tr_metrics, "grace_seconds": 10}},
         "gateway": {
             "server": {"port": gw_port, "metrics_port": gw_metrics, "grace_seconds": 10},
             "peers": {"security": f"127.0.0.1:{sec_port}", "redis": f"redis://127.0.0.1:{redis_port}/1"},
             "upstreams": {"llmesh.inference.v1.Inference": f"127.0.0.1:{inf_port}",
-                          "llmesh.security.v1.Security": f"127.0.0.1:{sec_port}"},
+                          "llmesh.security.v1.Security": f"127.0.0.1:{sec_port}",
+                          "llmesh.trainer.v1.Trainer": f"127.0.0.1:{tr_port}"},
         },
         "inference": {
             "server": {"port": inf_port, "metrics_port": inf_metrics, "grace_seconds": 10},

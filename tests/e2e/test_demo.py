@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+from llmesh.models.demo import faq_pairs
 from tests.conftest import Mesh
 
 
@@ -23,7 +24,14 @@ def test_demo_goes_through_the_gateway_and_shows_the_masked_prompt(mesh: Mesh) -
     assert key["key_id"] in text and key["secret"] not in text
     assert "chain intact: True" in text
     assert "Chat" in text and "cn_mobile=1" in text  # the audit lines of the demo's own calls
-    # A second run reuses the stored key.
+    # The FAQ adapter was trained, published and answers the FAQ; the base model does not.
+    assert "promoted it to faq@live" in text
+    answer = faq_pairs()[1]["answer"]
+    lines = text.splitlines()
+    tuned = next(line for line in lines if line.strip().startswith("adapter faq:"))
+    base = next(line for line in lines if line.strip().startswith("base model:"))
+    assert answer[:40] in tuned and answer[:40] not in base
+    # A second run reuses the stored key and the live adapter.
     again = subprocess.run([sys.executable, "-m", "llmesh.cli", "demo", "--config", str(mesh.config_path)],
                            capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and key["key_id"] in again.stdout
+    assert again.returncode == 0 and key["key_id"] in again.stdout and "already trained and live: faq@v1" in again.stdout

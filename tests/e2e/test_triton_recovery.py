@@ -21,7 +21,8 @@ def test_triton_down_is_unavailable_then_recovers(mesh: Mesh, stub) -> None:  # 
     os.kill(mesh.pid("tritonserver"), signal.SIGKILL)
 
     codes = []
-    for _ in range(5):
+    deadline = time.monotonic() + 15  # a SIGKILLed process with a large heap can take a while to be torn down
+    while time.monotonic() < deadline:
         try:
             stub.Generate(req, timeout=30)
         except grpc.RpcError as e:

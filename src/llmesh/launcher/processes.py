@@ -102,9 +102,9 @@ class ProcessSpec:
 
 
 def build_specs(cfg: MeshConfig, config_path: Path | None) -> list[ProcessSpec]:
-    """The embedded mesh in start order: redis → security → tritonserver → inference → gateway."""
+    """The embedded mesh in start order: redis → security → tritonserver → inference → trainer → gateway."""
     return [redis_spec(cfg), security_spec(cfg, config_path), triton_spec(cfg), inference_spec(cfg, config_path),
-            gateway_spec(cfg, config_path)]
+            trainer_spec(cfg, config_path), gateway_spec(cfg, config_path)]
 
 
 def redis_binary(cfg: MeshConfig) -> str:
@@ -190,6 +190,11 @@ def security_spec(cfg: MeshConfig, config_path: Path | None) -> ProcessSpec:
 def gateway_spec(cfg: MeshConfig, config_path: Path | None) -> ProcessSpec:
     s = cfg.gateway.server
     return service_spec(cfg, config_path, "gateway", "llmesh.services.gateway", s.port, s.grace_seconds)
+
+
+def trainer_spec(cfg: MeshConfig, config_path: Path | None) -> ProcessSpec:
+    s = cfg.trainer.server
+    return service_spec(cfg, config_path, "trainer", "llmesh.services.trainer", s.port, s.grace_seconds)
 
 
 def inference_spec(cfg: MeshConfig, config_path: Path | None) -> ProcessSpec:

@@ -1,0 +1,165 @@
+"""Dataset → LoRA job → evaluated adapter → published → served, through the gateway,
+with the real trainer worker, Triton and registry; bad datasets refused with row numbers;
+a worker killed mid-job resumes from its checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Iterator
+
+import grpc
+import psutil
+import pytest
+
+from llmesh.auth_client import ApiKey, gateway_channel
+from llmesh.client import local_channel, sampling
+from llmesh.demo import FAQ_RANK, FAQ_TRAINING
+from llmesh.inference.v1 import inference_pb2 as ipb
+from llmesh.inference.v1 import inference_pb2_grpc as igrpc
+from llmesh.models.demo import faq_pairs
+from llmesh.security.v1 import security_pb2 as spb
+from llmesh.security.v1 import security_pb2_grpc as spb_grpc
+from llmesh.trainer.v1 import trainer_pb2 as pb
+from llmesh.trainer.v1 import trainer_pb2_grpc as pb_grpc
+from tests.conftest import Mesh
+
+FAQ = json.dumps(faq_pairs(), ensure_ascii=False).encode()
+FAQ_JOB = dict(lora=pb.LoraConfig(rank=FAQ_RANK), **FAQ_TRAINING)  # what the demo trains with
+
+
+@pytest.fixture(scope="module")
+def channel(mesh: Mesh) -> Iterator[grpc.Channel]:
+    sec = spb_grpc.SecurityStub(local_channel(f"127.0.0.1:{mesh.cfg.security.server.port}", mesh.cfg.home))
+    created = sec.CreateApiKey(spb.CreateApiKeyRequest(owner="ml-engineer", tenant="acme",
+                                                       scopes=["trainer:*", "inference:*"]), timeout=10)
+    ch = gateway_channel(f"127.0.0.1:{mesh.cfg.gateway.server.port}", ApiKey(created.key.key_id, created.secret))
+    yield ch
+    ch.close()
+
+
+@pytest.fixture(scope="module")
+def trainer(channel: grpc.Channel) -> pb_grpc.TrainerStub:
+    return pb_grpc.TrainerStub(channel)
+
+
+def upload(trainer: pb_grpc.TrainerStub, data: bytes, name: str, **header: object) -> pb.Dataset:
+    parts = [pb.UploadDatasetRequest(header=pb.DatasetHeader(name=name, **header))]
+    parts += [pb.UploadDatasetRequest(data=data[i:i + 4096]) for i in range(0, len(data), 4096)]
+    return trainer.UploadDataset(iter(parts), timeout=60)
+
+
+def wait(trainer: pb_grpc.TrainerStub, job_id: str, timeout_s: float = 240) -> tuple[pb.Job, list[str]]:
+    kinds, job = [], None
+    for event in trainer.WatchJob(pb.GetJobRequest(job_id=job_id), timeout=timeout_s):
+        kinds.append(event.kind)
+        job = event.job
+    assert job is not None
+    return job, kinds
+
+
+def code_of(call) -> tuple[grpc.StatusCode, str]:  # type: ignore[no-untyped-def]
+    try:
+        call()
+    except grpc.RpcError as e:
+        return e.code(), e.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+def test_train_evaluate_publish_and_serve_through_the_gateway(mesh: Mesh, channel: grpc.Channel, trainer: pb_grpc.TrainerStub) -> None:
+    ds = upload(trainer, FAQ, "faq.json", eval_fraction=0.1, seed=3)
+    assert ds.train_examples + ds.eval_examples == 20 and ds.eval_examples == 2
+    assert upload(trainer, FAQ, "again.json", eval_fraction=0.1, seed=3).dataset_id == ds.dataset_id  # content-addressed
+    job = trainer.CreateJob(pb.CreateJobRequest(dataset_id=ds.dataset_id, adapter_name="helpdesk", **FAQ_JOB), timeout=30)
+    job, kinds = wait(trainer, job.job_id)
+    assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
+    assert job.adapter == "helpdesk@v1" and "progress" in kinds and "evaluated" in kinds
+    assert job.progress.step == job.progress.total_steps > 0
+    # The adapter beats the base model on the held-out questions (loss and perplexity; with
+    # 2 held-out pairs and a ~1M-parameter model, ROUGE-L there is noise).
+    assert job.tuned.loss < job.base.loss and job.tuned.perplexity < job.base.perplexity
+    store = mesh.cfg.adapter_dir
+    assert (store / "helpdesk@v1" / "adapter_config.json").is_file() and (store / "helpdesk@v1" / "loss.png").is_file()
+    lineage = json.loads((store / "helpdesk@v1" / "lineage.json").read_text())
+    assert lineage["dataset_id"] == ds.dataset_id and lineage["job_id"] == job.job_id
+
+    adapter = trainer.PromoteAdapter(pb.PromoteAdapterRequest(ref="helpdesk@v1"), timeout=30)
+    assert list(adapter.aliases) == ["live"] and adapter.base_model_sha256
+    assert trainer.GetAdapter(pb.GetAdapterRequest(ref="helpdesk@live"), timeout=10).version == 1
+
+    # Served by the running Triton without a restart: trained answers come back.
+    inference = igrpc.InferenceStub(channel)
+    train_pairs = [p for p in faq_pairs() if len(p["answer"]) < 120][:4]
+    greedy = sampling(temperature=0.0, max_tokens=160)
+    hits = 0
+    for pair in train_pairs:
+        tuned = inference.Chat(ipb.ChatRequest(message=pair["question"], adapter="helpdesk", sampling=greedy), timeout=120)
+        base = inference.Chat(ipb.ChatRequest(message=pair["question"], sampling=greedy), timeout=120)
+        hits += tuned.reply.content.strip() == pair["answer"]
+        assert base.reply.content.strip() != pair["answer"]
+    assert hits >= len(train_pairs) - 1, f"only {hits} of {len(train_pairs)} trained answers reproduced"
+    triton_pid = mesh.pid("tritonserver")
+    assert psutil.Process(triton_pid).is_running()  # the same server process served it
+
+    # Registry rules: delete refused while aliased; rollback needs history.
+    code, _ = code_of(lambda: trainer.DeleteAdapter(pb.DeleteAdapterRequest(ref="helpdesk@v1"), timeout=10))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    code, _ = code_of(lambda: trainer.RollbackAdapter(pb.RollbackAdapterRequest(name="helpdesk"), timeout=10))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_bad_datasets_are_refused_with_row_numbers(mesh: Mesh, trainer: pb_grpc.TrainerStub) -> None:
+    before = len(trainer.ListAdapters(pb.ListAdaptersRequest(), timeout=10).adapters)
+    cases = {
+        b'{"instruction": "a", "output": "b"}\n{broken\n{"instruction": "c"}\n': "row 2",
+        b"": "empty",
+        b'[{"question": "q"}]': "row 1",
+    }
+    for data, expect in cases.items():
+        code, details = code_of(lambda: upload(trainer, data, "bad.jsonl" if data.startswith(b"{") else "bad.json"))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and expect in details, (data, details)
+    big = b'{"instruction": "q", "output": "a"}\n' * (mesh.cfg.trainer.max_dataset_bytes // 30)
+    code, details = code_of(lambda: upload(trainer, big, "big.jsonl"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "limit" in details
+    code, _ = code_of(lambda: upload(trainer, FAQ, "faq.json", sha256="0" * 64))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    (mesh.cfg.dataset_root / "pairs.tsv").write_text("怎么申请年假？\t在人事系统提交。\nHow to book a room?\tUse the calendar.\n")
+    imported = trainer.ImportDataset(pb.ImportDatasetRequest(path="pairs.tsv"), timeout=10)
+    assert imported.train_examples + imported.eval_examples == 2 and imported.format == pb.DATASET_FORMAT_TSV_QA
+    for path in ("../../etc/passwd", "/etc/passwd"):
+        code, _ = code_of(lambda: trainer.ImportDataset(pb.ImportDatasetRequest(path=path), timeout=10))
+        assert code == grpc.StatusCode.PERMISSION_DENIED, path
+    code, _ = code_of(lambda: trainer.CreateJob(pb.CreateJobRequest(dataset_id="nope", adapter_name="x"), timeout=10))
+    assert code == grpc.StatusCode.NOT_FOUND
+    code, _ = code_of(lambda: trainer.CreateJob(pb.CreateJobRequest(dataset_id="nope", adapter_name="Bad Name"), timeout=10))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    code, _ = code_of(lambda: trainer.CreateJob(pb.CreateJobRequest(dataset_id="nope", adapter_name="x", qlora=True), timeout=10))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION  # no CUDA GPU here
+    assert len(trainer.ListAdapters(pb.ListAdaptersRequest(), timeout=10).adapters) == before  # nothing half-written
+
+
+def _worker(mesh: Mesh, job_id: str) -> psutil.Process | None:
+    for p in psutil.Process(mesh.pid("trainer")).children(recursive=True):
+        if job_id in " ".join(p.cmdline()):
+            return p
+    return None
+
+
+def test_a_killed_worker_resumes_from_its_checkpoint(mesh: Mesh, trainer: pb_grpc.TrainerStub) -> None:
+    ds = upload(trainer, FAQ, "faq.json", eval_fraction=0.1, seed=3)
+    job = trainer.CreateJob(pb.CreateJobRequest(dataset_id=ds.dataset_id, adapter_name="faq-resume", epochs=40,
+                                                batch_size=2, lora=pb.LoraConfig(rank=4), seed=2), timeout=30)
+    every = mesh.cfg.trainer.checkpoint_every_steps
+    deadline = time.monotonic() + 120
+    while trainer.GetJob(pb.GetJobRequest(job_id=job.job_id), timeout=10).progress.step <= every:
+        assert time.monotonic() < deadline, "job made no progress"
+        time.sleep(0.1)
+    worker = _worker(mesh, job.job_id)
+    assert worker is not None
+    os.kill(worker.pid, signal.SIGKILL)  # a crash, not a clean stop
+    final, kinds = wait(trainer, job.job_id)
+    assert final.state == pb.JOB_STATE_SUCCEEDED, final.error
+    assert final.attempts == 2 and "crashed" in kinds and "resumed" in kinds
+    assert final.progress.step == final.progress.total_steps
