@@ -110,6 +110,28 @@ def test_train_evaluate_publish_and_serve_through_the_gateway(mesh: Mesh, channe
     assert code == grpc.StatusCode.FAILED_PRECONDITION
 
 
+def test_a_restarted_triton_serves_the_published_adapter(mesh: Mesh, channel: grpc.Channel) -> None:
+    """The store is the source of truth: a Triton process that never saw the adapter (the
+    launcher restarts it after a crash) loads it on first use."""
+    old = mesh.pid("tritonserver")
+    os.kill(old, signal.SIGKILL)
+    inference = igrpc.InferenceStub(channel)
+    pair = next(p for p in faq_pairs() if len(p["answer"]) < 120)
+    greedy = sampling(temperature=0.0, max_tokens=160)
+    deadline = time.monotonic() + 240
+    while True:
+        try:
+            reply = inference.Chat(ipb.ChatRequest(message=pair["question"], adapter="helpdesk@live", sampling=greedy),
+                                   timeout=60)
+            if mesh.pid("tritonserver") != old:
+                break
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.UNAVAILABLE, e.details()
+        assert time.monotonic() < deadline, "triton did not come back"
+        time.sleep(0.5)
+    assert reply.reply.content.strip() == pair["answer"]
+
+
 def test_bad_datasets_are_refused_with_row_numbers(mesh: Mesh, trainer: pb_grpc.TrainerStub) -> None:
     before = len(trainer.ListAdapters(pb.ListAdaptersRequest(), timeout=10).adapters)
     cases = {
