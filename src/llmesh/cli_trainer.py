@@ -180,3 +180,24 @@ def adapters_delete(ref: Annotated[str, typer.Argument(help="name@vN")], config:
 def register(app: typer.Typer) -> None:
     app.command("train")(train)
     app.add_typer(adapters_app, name="adapters")
+
+
+@adapters_app.command("export")
+def adapters_export(ref: Annotated[str, typer.Argument(help="name, name@vN or name@alias")],
+                    dest: Annotated[Path, typer.Argument(help="New folder for the merged model.")],
+                    config: ConfigOpt = None) -> None:
+    """Merge an adapter into its base model and save a standalone model folder."""
+    from llmesh.services.trainer.export import merge
+    from llmesh.trainer.v1 import trainer_pb2 as pb
+
+    cfg = _config(config)
+    try:
+        a = _stub(cfg).GetAdapter(pb.GetAdapterRequest(ref=ref), timeout=10)
+    except grpc.RpcError as e:
+        _fail(e)
+    try:
+        out = merge(Path(a.base_model), cfg.adapter_dir / a.ref, dest)
+    except FileExistsError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(1) from e
+    print(f"{a.ref} merged into {a.base_model} -> {out}")

@@ -132,6 +132,30 @@ def test_a_restarted_triton_serves_the_published_adapter(mesh: Mesh, channel: gr
     assert reply.reply.content.strip() == pair["answer"]
 
 
+def test_cli_train_list_show_and_export(mesh: Mesh, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    def cli(*args: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "llmesh.cli", *args, "--config", str(mesh.config_path)],
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        return out.stdout
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"instruction": p["question"], "output": p["answer"]}, ensure_ascii=False) + "\n"
+                            for p in faq_pairs()[:6]))
+    out = cli("train", str(data), "--name", "cli-demo", "--epochs", "2", "--batch-size", "2", "--watch")
+    assert "succeeded" in out and "cli-demo@v1" in out
+    assert "cli-demo@v1" in cli("adapters", "list", "cli-demo")
+    shown = json.loads(cli("adapters", "show", "cli-demo"))
+    assert shown["ref"] == "cli-demo@v1" and shown["hyperparameters"]["epochs"] == "2"
+    cli("adapters", "export", "cli-demo@v1", str(tmp_path / "merged"))
+    assert (tmp_path / "merged" / "config.json").is_file() and (tmp_path / "merged" / "lineage.json").is_file()
+    cli("adapters", "delete", "cli-demo@v1")
+    assert not (mesh.cfg.adapter_dir / "cli-demo@v1").exists()
+
+
 def test_bad_datasets_are_refused_with_row_numbers(mesh: Mesh, trainer: pb_grpc.TrainerStub) -> None:
     before = len(trainer.ListAdapters(pb.ListAdaptersRequest(), timeout=10).adapters)
     cases = {
