@@ -1,10 +1,11 @@
 """The shared adapter store (``LLMESH_HOME/adapters``), as the trainer publishes to it
 and the inference services read it: one folder per adapter version (``name@vN``,
 loaded lazily by every Triton replica) and ``registry.json``, the announcement of
-versions and aliases, replaced atomically on every change."""
+versions, aliases and A/B splits, replaced atomically on every change."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -39,7 +40,10 @@ class Announced:
             self._stamp = stamp
         return self._doc
 
-    def resolve(self, ref: str) -> str:
+    def resolve(self, ref: str, caller: str = "") -> str:
+        """The folder to load for ``ref``. Where ``name@alias`` has an A/B split, the
+        arm is chosen by a hash of (caller, name, alias): the same caller always gets
+        the same version while the split is unchanged, and callers spread by weight."""
         name, _, tag = ref.partition("@")
         entry = self._load().get(name)
         if entry is None:
@@ -47,6 +51,9 @@ class Announced:
         if re.fullmatch(r"v[0-9]+", tag):
             return ref
         alias = tag or DEFAULT_ALIAS
+        arms = entry.get("splits", {}).get(alias)
+        if arms:
+            return folder(name, pick_arm(arms, f"{caller}\x00{name}@{alias}"))
         version = entry["aliases"].get(alias)
         if version is None:
             if tag:
@@ -55,3 +62,15 @@ class Announced:
                 raise NotFound("adapter", ref)
             version = max(entry["versions"])
         return folder(name, int(version))
+
+
+def pick_arm(arms: list[list[float]], key: str) -> int:
+    """A version from ``[[version, weight], ...]``, deterministic in ``key``."""
+    point = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+    total = sum(w for _, w in arms)
+    acc = 0.0
+    for version, weight in arms:
+        acc += weight / total
+        if point < acc:
+            return int(version)
+    return int(arms[-1][0])

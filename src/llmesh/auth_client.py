@@ -89,8 +89,9 @@ def gateway_channel(address: str, key: ApiKey, *, scopes: list[str] | None = Non
     """A channel to the gateway on which every call carries a fresh JWT and an HMAC
     signature. The token is fetched on the first call and again ``refresh_margin_s``
     before it expires (at most half its lifetime), so long-running clients never
-    present an expired one."""
-    channel = grpc.insecure_channel(address, options=channel_options())
+    present an expired one. gRPC's own retries are off: a retried attempt would resend
+    the same nonce and be refused as a replay; retry the call (a new signature) instead."""
+    channel = grpc.insecure_channel(address, options=channel_options(retries=False))
     fetch = issue_token_fetcher(channel, key, scopes=scopes, ttl_s=ttl_s)
     tokens = TokenSource(fetch, refresh_margin_s)
     return grpc.intercept_channel(channel, SigningInterceptor(key, tokens))

@@ -201,3 +201,26 @@ def adapters_export(ref: Annotated[str, typer.Argument(help="name, name@vN or na
         console.print(f"[red]{e}[/red]")
         raise typer.Exit(1) from e
     print(f"{a.ref} merged into {a.base_model} -> {out}")
+
+
+@adapters_app.command("split")
+def adapters_split(name: str,
+                   arms: Annotated[list[str], typer.Argument(help="VERSION=WEIGHT pairs, e.g. 1=90 2=10; none removes the split.")] = [],
+                   alias: Annotated[str, typer.Option(help="The alias the split applies to.")] = "live",
+                   config: ConfigOpt = None) -> None:
+    """A/B split: route NAME@ALIAS between versions by weight, sticky per caller."""
+    from llmesh.trainer.v1 import trainer_pb2 as pb
+
+    parsed = []
+    for arm in arms:
+        version, _, weight = arm.partition("=")
+        try:
+            parsed.append(pb.SplitArm(version=int(version.lstrip("v")), weight=float(weight)))
+        except ValueError:
+            console.print(f"[red]bad arm {arm!r}: expected VERSION=WEIGHT[/red]")
+            raise typer.Exit(2) from None
+    try:
+        _stub(_config(config)).SetSplit(pb.SetSplitRequest(name=name, alias=alias, arms=parsed), timeout=30)
+    except grpc.RpcError as e:
+        _fail(e)
+    print(f"{name}@{alias}: " + (", ".join(f"v{a.version}={a.weight:g}" for a in parsed) or "no split"))

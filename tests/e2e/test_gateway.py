@@ -136,8 +136,9 @@ def test_pii_is_masked_before_the_model_and_audited_without_values(mesh: Mesh, s
     deadline = time.monotonic() + 15
     sec = _security(mesh)
     while True:
-        records = sec.QueryAudit(spb.QueryAuditRequest(action="/llmesh.inference.v1.Inference/Chat", limit=100), timeout=10).records
-        if records:
+        records = sec.QueryAudit(spb.QueryAuditRequest(action="/llmesh.inference.v1.Inference/Chat", actor="app",
+                                                       limit=1000), timeout=10).records
+        if any("cn_mobile=1" in str(r) for r in records):
             break
         assert time.monotonic() < deadline, "no audit record arrived"
         time.sleep(0.3)
@@ -162,7 +163,7 @@ def test_cli_keys_and_token(mesh: Mesh) -> None:
     assert jwt_token.count(".") == 2
     cli("keys", "revoke", created["key_id"])
     assert cli("audit", "verify").startswith("intact:")
-    assert "/llmesh.inference.v1.Inference/" in cli("audit", "query", "--limit", "5")
+    assert "/llmesh.inference.v1.Inference/" in cli("audit", "query", "--actor", "app", "--limit", "5")
     out = subprocess.run([sys.executable, "-m", "llmesh.cli", "token", "--key-id", created["key_id"], "--secret",
                           created["secret"], "--config", str(mesh.config_path)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "FAILED_PRECONDITION" in out.stderr

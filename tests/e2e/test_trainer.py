@@ -156,6 +156,31 @@ def test_cli_train_list_show_and_export(mesh: Mesh, tmp_path) -> None:  # type: 
     assert not (mesh.cfg.adapter_dir / "cli-demo@v1").exists()
 
 
+def test_ab_split_routes_callers_stickily_with_per_arm_metrics(mesh: Mesh, trainer: pb_grpc.TrainerStub) -> None:
+    import urllib.request
+
+    from llmesh.runtime.identity import Principal
+
+    ds = upload(trainer, FAQ, "faq.json", eval_fraction=0.1, seed=3)
+    for _ in range(2):  # ab@v1, ab@v2
+        job = trainer.CreateJob(pb.CreateJobRequest(dataset_id=ds.dataset_id, adapter_name="ab", epochs=1, seed=4), timeout=30)
+        assert wait(trainer, job.job_id)[0].state == pb.JOB_STATE_SUCCEEDED
+    trainer.SetSplit(pb.SetSplitRequest(name="ab", arms=[pb.SplitArm(version=1, weight=1), pb.SplitArm(version=2, weight=1)]),
+                     timeout=30)
+    served: dict[str, set[str]] = {}
+    req = ipb.GenerateRequest(prompt="hi", adapter="ab", sampling=sampling(max_tokens=2))
+    for i in range(24):
+        who = Principal(f"user{i}", "acme", frozenset({"inference:*"}))
+        stub = igrpc.InferenceStub(local_channel(mesh.address, mesh.cfg.home, who))
+        served[who.subject] = {stub.Generate(req, timeout=60).adapter for _ in range(2)}
+    assert all(len(arms) == 1 for arms in served.values())  # sticky per caller
+    assert set().union(*served.values()) == {"ab@v1", "ab@v2"}  # both arms get traffic
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{mesh.cfg.inference.server.metrics_port}/metrics", timeout=10).read().decode()
+    for arm in ("ab@v1", "ab@v2"):
+        assert f'llmesh_adapter_requests_total{{adapter="{arm}",outcome="ok"}}' in metrics
+        assert f'llmesh_adapter_latency_seconds_count{{adapter="{arm}"}}' in metrics
+
+
 def test_bad_datasets_are_refused_with_row_numbers(mesh: Mesh, trainer: pb_grpc.TrainerStub) -> None:
     before = len(trainer.ListAdapters(pb.ListAdaptersRequest(), timeout=10).adapters)
     cases = {

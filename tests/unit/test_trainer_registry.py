@@ -92,3 +92,25 @@ def test_model_fingerprint_changes_with_the_weights(tmp_path: Path) -> None:
     first = registry.model_fingerprint(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"b" * 10)
     assert registry.model_fingerprint(tmp_path) != first
+
+
+def test_ab_split_is_sticky_per_caller_and_follows_the_weights(env) -> None:  # type: ignore[no-untyped-def]
+    db, store, tmp = env
+    publish(db, store, tmp)
+    publish(db, store, tmp)
+    db.call_sync(lambda c: registry.promote(c, store, "faq@v1", "", "sha-a"))
+    db.call_sync(lambda c: registry.set_split(c, store, "faq", "live", [(1, 9.0), (2, 1.0)], "sha-a"))
+    announced = Announced(store)
+    picks = [announced.resolve("faq", caller=f"acme/user{i}") for i in range(2000)]
+    assert all(announced.resolve("faq", caller=f"acme/user{i}") == picks[i] for i in range(50))  # sticky
+    share = picks.count("faq@v2") / len(picks)
+    assert 0.07 < share < 0.13  # 10 % by weight
+    assert announced.resolve("faq@v1", caller="acme/user1") == "faq@v1"  # explicit versions bypass the split
+    with pytest.raises(FailedPrecondition, match="split"):
+        db.call_sync(lambda c: registry.delete(c, store, "faq@v2"))
+    with pytest.raises(InvalidArgument):
+        db.call_sync(lambda c: registry.set_split(c, store, "faq", "live", [(1, 0.0)], "sha-a"))
+    with pytest.raises(NotFound):
+        db.call_sync(lambda c: registry.set_split(c, store, "faq", "live", [(7, 1.0)], "sha-a"))
+    db.call_sync(lambda c: registry.set_split(c, store, "faq", "live", [], "sha-a"))  # removed
+    assert announced.resolve("faq", caller="acme/user1") == "faq@v1"

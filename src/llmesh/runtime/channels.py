@@ -26,17 +26,22 @@ RETRY_SERVICE_CONFIG = {
 }
 
 
-def channel_options(max_message_bytes: int = 16 * 1024 * 1024) -> list[tuple[str, object]]:
-    return [
+def channel_options(max_message_bytes: int = 16 * 1024 * 1024, *, retries: bool = True) -> list[tuple[str, object]]:
+    """``retries``: gRPC retries UNAVAILABLE calls by itself, resending the same
+    metadata — off for signed calls, whose nonce may be used once."""
+    options: list[tuple[str, object]] = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.enable_retries", 1),
-        ("grpc.service_config", json.dumps(RETRY_SERVICE_CONFIG)),
     ]
+    if retries:
+        options += [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(RETRY_SERVICE_CONFIG))]
+    else:
+        options.append(("grpc.enable_retries", 0))
+    return options
 
 
 def peer_channel(target: str, *, max_message_bytes: int = 16 * 1024 * 1024, traced: bool = True) -> grpc.aio.Channel:

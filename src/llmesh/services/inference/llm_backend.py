@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Sequence
 
 import grpc
 import numpy as np
 import tritonclient.grpc.aio as triton
+from prometheus_client import Counter, Histogram
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException
 
@@ -23,6 +25,19 @@ from llmesh.runtime.errors import (
     Cancelled, DeadlineExceeded, InvalidArgument, LlmeshError, NotFound, ResourceExhausted, Unavailable,
 )
 from llmesh.services.inference.sampling import Sampling
+
+ADAPTER_REQUESTS = Counter("llmesh_adapter_requests_total", "Generations per adapter version (A/B arms) and outcome",
+                           ["adapter", "outcome"])
+ADAPTER_LATENCY = Histogram("llmesh_adapter_latency_seconds", "Time to the last token per adapter version",
+                            ["adapter"], buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+
+
+def _observe(adapter: str, outcome: str, started: float) -> None:
+    """Per adapter version: what an A/B split's arms are compared on."""
+    arm = adapter or "<base>"
+    ADAPTER_REQUESTS.labels(arm, outcome).inc()
+    if outcome == "ok":
+        ADAPTER_LATENCY.labels(arm).observe(time.perf_counter() - started)
 
 OUTPUTS = ("text", "prompt_tokens", "completion_tokens", "finish_reason")
 # The model prefixes its errors with the status it means ("NOT_FOUND: adapter 'x' not found").
@@ -147,6 +162,7 @@ class LlmBackend:
             yield request
 
         responses = self._client.stream_infer(requests(), stream_timeout=timeout)
+        started = time.perf_counter()
         try:
             async for result, error in responses:
                 if error is not None:
@@ -159,10 +175,13 @@ class LlmBackend:
                     completion_tokens=int(result.as_numpy("completion_tokens").reshape(-1)[0]),
                     finish_reason=result.as_numpy("finish_reason").reshape(-1)[0].decode(),
                 )
+                if chunk.finish_reason:  # recorded before the last yield: a consumer may stop here
+                    _observe(inp.adapter, "ok", started)
                 yield chunk
                 if chunk.finish_reason:
                     return
         except (grpc.aio.AioRpcError, InferenceServerException) as e:
+            _observe(inp.adapter, "error", started)
             raise map_error(e) from e
         finally:
             responses.cancel()

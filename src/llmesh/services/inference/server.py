@@ -57,26 +57,30 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise InvalidArgument(field, f"is {len(value)} characters, the limit is {self.cfg.max_prompt_chars}")
         return value
 
-    def _adapter(self, name: str) -> str:
+    def _adapter(self, name: str, context: grpc.aio.ServicerContext) -> str:
         if name and not ADAPTER_NAME.match(name):
             raise InvalidArgument("adapter", "must be a name or name@version of [A-Za-z0-9._-]")
-        # name / name@alias → the published name@vN folder (registry.json, re-read on change)
-        return self.adapters.resolve(name) if name else name
+        if not name:
+            return name
+        # name / name@alias → the published name@vN folder (registry.json, re-read on
+        # change); an A/B split picks the arm by caller, so each user sticks to one.
+        p = self.identity.principal(context)
+        return self.adapters.resolve(name, caller=f"{p.tenant}/{p.subject}")
 
     def _sampling(self, pb_sampling: types_pb2.SamplingParams, defaults: types_pb2.SamplingParams | None = None) -> Sampling:
         return Sampling.from_pb(pb_sampling, default_max_tokens=self.cfg.default_max_tokens,
                                 max_tokens_limit=self.cfg.max_tokens_limit, defaults=defaults)
 
-    def _generation_input(self, req: pb.GenerateRequest) -> GenerationInput:
+    def _generation_input(self, req: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> GenerationInput:
         which = req.WhichOneof("input")
         if which == "prompt":
             return GenerationInput(self._sampling(req.sampling), prompt=self._text(req.prompt, "prompt"),
-                                   adapter=self._adapter(req.adapter))
+                                   adapter=self._adapter(req.adapter, context))
         if which == "template":
             t = self.templates.get(req.template.name)
             prompt = self._text(t.render(req.template.variables), "template.variables")
             return GenerationInput(self._sampling(req.sampling, t.sampling), prompt=prompt,
-                                   adapter=self._adapter(req.adapter))
+                                   adapter=self._adapter(req.adapter, context))
         raise InvalidArgument("prompt", "set either prompt or template")
 
     def _timeout(self, context: grpc.aio.ServicerContext) -> float:
@@ -84,12 +88,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     # ---- generation -------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        c = await self.llm.complete(self._generation_input(request), timeout=self._timeout(context))
+        inp = self._generation_input(request, context)
+        c = await self.llm.complete(inp, timeout=self._timeout(context))
         return pb.GenerateResponse(text=c.text, usage=usage_pb(c), finish_reason=FINISH[c.finish_reason],
-                                   model=self.llm.model, adapter=request.adapter)
+                                   model=self.llm.model, adapter=inp.adapter)
 
     async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateStreamResponse]:
-        inp = self._generation_input(request)
+        inp = self._generation_input(request, context)
         async for c in self.llm.stream(inp, timeout=self._timeout(context)):
             if c.finish_reason:
                 yield pb.GenerateStreamResponse(text_delta=c.text, usage=usage_pb(c), finish_reason=FINISH[c.finish_reason])
@@ -101,7 +106,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         """Streams one turn; the turn is stored before the final chunk is yielded."""
         message = self._text(req.message, "message")
         sampling = self._sampling(req.sampling)
-        adapter = self._adapter(req.adapter)
+        adapter = self._adapter(req.adapter, context)
         tenant = self._tenant(context)
         history = await self.memory.load(tenant, cid)
         system = req.system_prompt or (history.system if history else "")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -102,17 +103,27 @@ def register(conn: sqlite3.Connection, store: Path, staged: Path, *, name: str, 
     return version
 
 
-def promote(conn: sqlite3.Connection, store: Path, ref: str, alias: str, served_base_sha: str) -> tuple[str, int]:
-    r = parse_ref(ref)
+def _check_alias(alias: str) -> str:
     alias = alias or DEFAULT_ALIAS
     if not ALIAS.match(alias) or re.fullmatch(r"v[0-9]*", alias):
         raise InvalidArgument("alias", "must match [a-z][a-z0-9_-]{0,31} and not look like a version")
+    return alias
+
+
+def _check_base(row: sqlite3.Row, served_base_sha: str) -> None:
+    if row["base_model_sha256"] != served_base_sha:
+        raise FailedPrecondition(f"{folder(row['name'], row['version'])} was trained on another base model "
+                                 f"({row['base_model']}) than the one served")
+
+
+def promote(conn: sqlite3.Connection, store: Path, ref: str, alias: str, served_base_sha: str) -> tuple[str, int]:
+    r = parse_ref(ref)
+    alias = _check_alias(alias)
     with transaction(conn):
         name, version = _resolve(conn, r)
         row = _row(conn, name, version)
-        if row["base_model_sha256"] != served_base_sha:
-            raise FailedPrecondition(f"{folder(name, version)} was trained on another base model "
-                                     f"({row['base_model']}) than the one served")
+        assert row is not None
+        _check_base(row, served_base_sha)
         base, tuned = json.loads(row["base_eval"]), json.loads(row["tuned_eval"])
         gain = tuned.get("rouge_l", 0.0) - base.get("rouge_l", 0.0)
         if row["min_improvement"] > 0 and gain < row["min_improvement"]:  # a margin the job asked for
@@ -127,6 +138,31 @@ def promote(conn: sqlite3.Connection, store: Path, ref: str, alias: str, served_
                          (version, json.dumps(history[-50:]), name, alias))
     announce(conn, store)
     return name, version
+
+
+def set_split(conn: sqlite3.Connection, store: Path, name: str, alias: str, arms: list[tuple[int, float]],
+              served_base_sha: str) -> list[tuple[int, float]]:
+    """Route ``name@alias`` between versions by weight (no arms: remove the split)."""
+    check_name(name, "name")
+    alias = _check_alias(alias)
+    if len({v for v, _ in arms}) != len(arms):
+        raise InvalidArgument("arms", "each version may appear once")
+    for i, (version, weight) in enumerate(arms):
+        if not (weight > 0 and math.isfinite(weight)):
+            raise InvalidArgument(f"arms[{i}].weight", "must be a positive number")
+    with transaction(conn):
+        if not arms:
+            conn.execute("DELETE FROM splits WHERE name = ? AND alias = ?", (name, alias))
+        else:
+            for version, _ in arms:
+                row = _row(conn, name, version)
+                assert row is not None
+                _check_base(row, served_base_sha)
+            conn.execute("INSERT INTO splits(name, alias, arms) VALUES (?, ?, ?) "
+                         "ON CONFLICT(name, alias) DO UPDATE SET arms = excluded.arms",
+                         (name, alias, json.dumps([[v, w] for v, w in arms])))
+    announce(conn, store)
+    return arms
 
 
 def rollback(conn: sqlite3.Connection, store: Path, name: str, alias: str) -> tuple[str, int]:
@@ -155,6 +191,9 @@ def delete(conn: sqlite3.Connection, store: Path, ref: str) -> bool:
             return False
         pointing = [a["alias"] for a in conn.execute("SELECT alias FROM aliases WHERE name = ? AND version = ?",
                                                      (r.name, r.version))]
+        for split in conn.execute("SELECT alias, arms FROM splits WHERE name = ?", (r.name,)):
+            if any(v == r.version for v, _ in json.loads(split["arms"])):
+                pointing.append(f"{split['alias']} (split)")
         if pointing:
             raise FailedPrecondition(f"{folder(r.name, r.version)} is {', '.join(f'{r.name}@{a}' for a in pointing)}: "
                                      "point the alias elsewhere first")
@@ -175,6 +214,8 @@ def announce(conn: sqlite3.Connection, store: Path) -> None:
         doc.setdefault(row["name"], {"versions": [], "aliases": {}})["versions"].append(row["version"])
     for row in conn.execute("SELECT name, alias, version FROM aliases"):
         doc.setdefault(row["name"], {"versions": [], "aliases": {}})["aliases"][row["alias"]] = row["version"]
+    for row in conn.execute("SELECT name, alias, arms FROM splits"):
+        doc.setdefault(row["name"], {"versions": [], "aliases": {}}).setdefault("splits", {})[row["alias"]] = json.loads(row["arms"])
     store.mkdir(parents=True, exist_ok=True)
     tmp = store / f".{ANNOUNCEMENT}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps({"adapters": doc}, sort_keys=True))

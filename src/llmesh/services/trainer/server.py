@@ -290,6 +290,12 @@ class TrainerServicer(pb_grpc.TrainerServicer):
 
         return await self.db.call(rollback)
 
+    async def SetSplit(self, request: pb.SetSplitRequest, context: grpc.aio.ServicerContext) -> pb.Split:
+        served = await asyncio.to_thread(registry.model_fingerprint, self.cfg.llm_path)
+        arms = [(a.version, a.weight) for a in request.arms]
+        await self.db.call(lambda c: registry.set_split(c, self.cfg.adapter_dir, request.name, request.alias, arms, served))
+        return pb.Split(name=request.name, alias=request.alias or registry.DEFAULT_ALIAS, arms=request.arms)
+
     async def DeleteAdapter(self, request: pb.DeleteAdapterRequest, context: grpc.aio.ServicerContext) -> pb.DeleteAdapterResponse:
         deleted = await self.db.call(lambda c: registry.delete(c, self.cfg.adapter_dir, request.ref))
         return pb.DeleteAdapterResponse(deleted=deleted)

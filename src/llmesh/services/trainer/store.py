@@ -73,6 +73,12 @@ CREATE TABLE IF NOT EXISTS aliases (
   history TEXT NOT NULL DEFAULT '[]',  -- JSON list of earlier versions (rollback pops it)
   PRIMARY KEY (name, alias)
 );
+CREATE TABLE IF NOT EXISTS splits (
+  name TEXT NOT NULL,
+  alias TEXT NOT NULL,
+  arms TEXT NOT NULL,                  -- JSON list of [version, weight]
+  PRIMARY KEY (name, alias)
+);
 """
 
 TERMINAL = ("succeeded", "failed", "cancelled")
