@@ -234,3 +234,22 @@ def test_a_killed_worker_resumes_from_its_checkpoint(mesh: Mesh, trainer: pb_grp
     assert final.state == pb.JOB_STATE_SUCCEEDED, final.error
     assert final.attempts == 2 and "crashed" in kinds and "resumed" in kinds
     assert final.progress.step == final.progress.total_steps
+
+
+def test_cancel_a_running_and_a_queued_job(mesh: Mesh, trainer: pb_grpc.TrainerStub) -> None:
+    ds = upload(trainer, FAQ, "faq.json", eval_fraction=0.1, seed=3)
+    long = dict(dataset_id=ds.dataset_id, epochs=500, batch_size=2, lora=pb.LoraConfig(rank=4))
+    running = trainer.CreateJob(pb.CreateJobRequest(adapter_name="cancel-me", **long), timeout=30)
+    queued = trainer.CreateJob(pb.CreateJobRequest(adapter_name="cancel-me-too", **long), timeout=30)
+    deadline = time.monotonic() + 120
+    while trainer.GetJob(pb.GetJobRequest(job_id=running.job_id), timeout=10).progress.step == 0:
+        assert time.monotonic() < deadline, "job did not start"
+        time.sleep(0.1)
+    assert trainer.CancelJob(pb.CancelJobRequest(job_id=queued.job_id), timeout=10).state == pb.JOB_STATE_CANCELLED
+    trainer.CancelJob(pb.CancelJobRequest(job_id=running.job_id), timeout=10)
+    final, kinds = wait(trainer, running.job_id)
+    assert final.state == pb.JOB_STATE_CANCELLED and "cancelled" in kinds and final.progress.step < final.progress.total_steps
+    names = {a.name for a in trainer.ListAdapters(pb.ListAdaptersRequest(), timeout=10).adapters}
+    assert not names & {"cancel-me", "cancel-me-too"}
+    code, _ = code_of(lambda: trainer.CancelJob(pb.CancelJobRequest(job_id="job_missing"), timeout=10))
+    assert code == grpc.StatusCode.NOT_FOUND

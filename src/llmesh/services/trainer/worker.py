@@ -48,6 +48,25 @@ def detect_target_modules(model: Any) -> list[str]:
     return sorted(leaves - {"lm_head"})
 
 
+def load_base(path: str, *, qlora: bool) -> Any:
+    """The base model: float32 (on the GPU when there is one); with ``qlora`` (the service admits it only when a
+    CUDA GPU and bitsandbytes are present) 4-bit NF4 weights with bf16 compute on the GPU,
+    prepared for k-bit training — QLoRA (Dettmers et al., 2023)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if not qlora:
+        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+        return model.to("cuda") if torch.cuda.is_available() else model
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, device_map={"": 0})
+    return prepare_model_for_kbit_training(model)
+
+
 class Interrupted(Exception):
     pass
 
@@ -118,7 +137,7 @@ def train(cfg: Any, job: Job) -> None:
 
     base_path = str(cfg.llm_path)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
-    base = AutoModelForCausalLM.from_pretrained(base_path, torch_dtype=torch.float32)
+    base = load_base(base_path, qlora=p["qlora"])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoded = [encode(tokenizer, m, p["max_length"], p["response_only_loss"]) for m in train_set]
 
@@ -132,6 +151,7 @@ def train(cfg: Any, job: Job) -> None:
         model = get_peft_model(base, LoraConfig(r=p["rank"], lora_alpha=p["alpha"], lora_dropout=p["dropout"],
                                                 target_modules=targets, task_type="CAUSAL_LM"))
     params = [x for x in model.parameters() if x.requires_grad]
+    device = params[0].device
     optimizer = torch.optim.AdamW(params, lr=p["learning_rate"], weight_decay=0.0)
     per_epoch = math.ceil(len(encoded) / p["batch_size"])
     total = per_epoch * p["epochs"]
@@ -160,6 +180,7 @@ def train(cfg: Any, job: Job) -> None:
         random.Random(p["seed"] + epoch).shuffle(order)  # the same order when resumed
         i = step % per_epoch
         batch = collate([encoded[j] for j in order[i * p["batch_size"]:(i + 1) * p["batch_size"]]], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
         loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
