@@ -114,11 +114,11 @@ class _WithIdentity(MetadataInterceptor):
         return [(IDENTITY_KEY, self.identity.mint(self.principal))]
 
 
-def local_channel(address: str, home: Path, principal: Principal = OPERATOR) -> grpc.Channel:
+def local_channel(address: str, home: Path, principal: Principal = OPERATOR, *, retries: bool = True) -> grpc.Channel:
     """A channel straight to a service on this host, vouched for with the mesh's
     internal secret (``LLMESH_HOME/security/internal.key``): for operators' tools on
     the same machine. Everyone else goes through the gateway."""
-    channel = grpc.insecure_channel(address, options=channel_options())
+    channel = grpc.insecure_channel(address, options=channel_options(retries=retries))
     return grpc.intercept_channel(channel, _WithIdentity(InternalIdentity(load_secret(home)), principal))
 
 

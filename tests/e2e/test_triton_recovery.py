@@ -9,12 +9,15 @@ import time
 
 import grpc
 
-from llmesh.client import describe_error, sampling
+from llmesh.client import describe_error, local_channel, sampling
 from llmesh.inference.v1 import inference_pb2 as pb
+from llmesh.inference.v1 import inference_pb2_grpc as pb_grpc
 from tests.conftest import Mesh
 
 
-def test_triton_down_is_unavailable_then_recovers(mesh: Mesh, stub) -> None:  # type: ignore[no-untyped-def]
+def test_triton_down_is_unavailable_then_recovers(mesh: Mesh) -> None:
+    # Without the channel's own retries (which would wait for Triton and hide the status).
+    stub = pb_grpc.InferenceStub(local_channel(mesh.address, mesh.cfg.home, retries=False))
     inference_pid = mesh.pid("inference")
     req = pb.GenerateRequest(prompt="hello", sampling=sampling(max_tokens=4))
     assert stub.Generate(req, timeout=30).usage.completion_tokens > 0

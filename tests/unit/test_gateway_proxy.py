@@ -181,3 +181,4 @@ async def test_a_failed_gate_releases_nothing_and_cancels_upstream(mesh) -> None
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await stub.Generate(ipb.GenerateRequest(prompt="x"), timeout=5, metadata=(("x-refuse", "1"),))
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+

@@ -5,6 +5,8 @@ route and may decode only what they need."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
@@ -130,9 +132,10 @@ class ProxyHandler(grpc.GenericRpcHandler):
         async def handle(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes | None:
             first, rest = await _peek(requests)
             fwd = await self.admit(route, context, first)
-            call = rpc(_mapped(first, rest, fwd.request), timeout=self._timeout(context), metadata=_traced(fwd.metadata))
-            await _pass(fwd, call)
-            return await _answer(call, fwd, context)
+            call = rpc(timeout=self._timeout(context), metadata=_traced(fwd.metadata))
+            async with _pumping(call, first, rest, fwd.request):
+                await _pass(fwd, call)
+                return await _answer(call, fwd, context)
 
         return handle
 
@@ -142,10 +145,11 @@ class ProxyHandler(grpc.GenericRpcHandler):
         async def handle(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
             first, rest = await _peek(requests)
             fwd = await self.admit(route, context, first)
-            call = rpc(_mapped(first, rest, fwd.request), timeout=self._timeout(context), metadata=_traced(fwd.metadata))
-            await _pass(fwd, call)
-            async for msg in self._relay(call, fwd, context):
-                yield msg
+            call = rpc(timeout=self._timeout(context), metadata=_traced(fwd.metadata))
+            async with _pumping(call, first, rest, fwd.request):
+                await _pass(fwd, call)
+                async for msg in self._relay(call, fwd, context):
+                    yield msg
 
         return handle
 
@@ -206,9 +210,27 @@ async def _peek(requests: AsyncIterator[bytes]) -> tuple[bytes | None, AsyncIter
         return None, it
 
 
-async def _mapped(first: bytes | None, rest: AsyncIterator[bytes], fn: Transform) -> AsyncIterator[bytes]:
-    if first is None:
-        return
-    yield fn(first)
-    async for msg in rest:
-        yield fn(msg)
+@contextlib.asynccontextmanager
+async def _pumping(call, first: bytes | None, rest: AsyncIterator[bytes], fn: Transform) -> AsyncIterator[None]:  # type: ignore[no-untyped-def]
+    """Copies the client's stream to the upstream call (``fn`` applied) while the body
+    runs. An upstream that ends the call early (e.g. an upload over its size limit)
+    stops the copy; the call's own status is what the client gets, and no read of the
+    client's stream outlives the call."""
+
+    async def pump() -> None:
+        try:
+            if first is not None:
+                await call.write(fn(first))
+                async for msg in rest:
+                    await call.write(fn(msg))
+            await call.done_writing()
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
+            pass  # the upstream finished first: its status is the answer
+
+    task = asyncio.create_task(pump())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task

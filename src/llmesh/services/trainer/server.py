@@ -34,6 +34,7 @@ FORMAT_PB = {v: k for k, v in FORMATS.items()}
 STATES = {"queued": pb.JOB_STATE_QUEUED, "running": pb.JOB_STATE_RUNNING, "succeeded": pb.JOB_STATE_SUCCEEDED,
           "failed": pb.JOB_STATE_FAILED, "cancelled": pb.JOB_STATE_CANCELLED}
 WATCH_POLL_S = 0.25
+DRAIN_FACTOR = 4
 
 
 def ts(t: float | None) -> timestamp_pb2.Timestamp | None:
@@ -163,6 +164,7 @@ class TrainerServicer(pb_grpc.TrainerServicer):
         header: pb.DatasetHeader | None = None
         chunks: list[bytes] = []
         size, limit = 0, self.cfg.trainer.max_dataset_bytes
+        too_big = InvalidArgument("data", f"the dataset is larger than the limit of {limit} bytes")
         async for part in request_iterator:
             if part.HasField("header"):
                 if header is not None or chunks:
@@ -172,11 +174,17 @@ class TrainerServicer(pb_grpc.TrainerServicer):
                 if header is None:
                     raise InvalidArgument("header", "the first message must be the header")
                 size += len(part.data)
-                if size > limit:
-                    raise InvalidArgument("data", f"the dataset is larger than the limit of {limit} bytes")
-                chunks.append(part.data)
+                if size > DRAIN_FACTOR * limit:
+                    raise too_big
+                if size <= limit:
+                    chunks.append(part.data)
+                # Over the limit: nothing more is kept, but the stream is read to its end
+                # (up to DRAIN_FACTOR x the limit) — gRPC clients that are still sending
+                # when the server answers report INTERNAL instead of this status.
         if header is None:
             raise InvalidArgument("header", "missing")
+        if size > limit:
+            raise too_big
         return await self._store_dataset(header, b"".join(chunks), self._caller(context))
 
     async def ImportDataset(self, request: pb.ImportDatasetRequest, context: grpc.aio.ServicerContext) -> pb.Dataset:
