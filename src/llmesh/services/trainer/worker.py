@@ -95,10 +95,6 @@ class Job:
         return bool(row["cancel_requested"])
 
 
-def _messages(examples: list[Any]) -> list[list[dict[str, str]]]:
-    return [[{"role": m.role, "content": m.content} for m in ex.messages] for ex in examples]
-
-
 def _save_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, step: int, losses: list) -> None:
     import torch
 
@@ -130,8 +126,8 @@ def train(cfg: Any, job: Job) -> None:
     work = cfg.trainer_dir / "jobs" / job.id
     work.mkdir(parents=True, exist_ok=True)
     data_dir = cfg.trainer_dir / "datasets" / job.row["dataset_id"]
-    train_set = _messages(from_jsonl((data_dir / "train.jsonl").read_bytes()))
-    eval_set = _messages(from_jsonl((data_dir / "eval.jsonl").read_bytes()))
+    train_set = [ex.as_dicts() for ex in from_jsonl((data_dir / "train.jsonl").read_bytes())]
+    eval_set = [ex.as_dicts() for ex in from_jsonl((data_dir / "eval.jsonl").read_bytes())]
     torch.manual_seed(p["seed"])
     random.seed(p["seed"])
 
