@@ -78,10 +78,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--rank", type=int, default=16)
     args = ap.parse_args()
+    from llmesh.cli_trainer import upload
     from llmesh.client import local_channel
     from llmesh.models.demo import faq_pairs
     from llmesh.sandbox import ephemeral_mesh
-    from llmesh.trainer.v1 import trainer_pb2 as pb
     from llmesh.trainer.v1 import trainer_pb2_grpc
 
     lr, max_length, seed = 3e-3, 192, 1
@@ -90,9 +90,7 @@ def main() -> None:
     plain, service = [], []
     with tempfile.TemporaryDirectory(prefix="llmesh-bench-") as tmp, ephemeral_mesh(Path(tmp)) as (cfg, _):
         stub = trainer_pb2_grpc.TrainerStub(local_channel(f"127.0.0.1:{cfg.trainer.server.port}", cfg.home))
-        data = json.dumps(pairs, ensure_ascii=False).encode()
-        header = pb.DatasetHeader(name="faq.json", eval_fraction=0.1, seed=3)
-        ds = stub.UploadDataset(iter([pb.UploadDatasetRequest(header=header), pb.UploadDatasetRequest(data=data)]), timeout=60)
+        ds = upload(stub, json.dumps(pairs, ensure_ascii=False).encode(), "faq.json", eval_fraction=0.1, seed=3)
         for r in range(args.rounds):
             rate, steps = service_steps_per_second(stub, ds.dataset_id, f"bench-{r}", args.epochs, args.batch_size,
                                                    args.rank, lr, max_length, seed)

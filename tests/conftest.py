@@ -37,6 +37,12 @@ class Mesh:
     def state(self) -> dict:
         return json.loads((self.cfg.run_dir / "state.json").read_text())
 
+    def security(self):  # type: ignore[no-untyped-def]
+        """A stub straight to the security service, as the host's operator."""
+        from llmesh.security.v1 import security_pb2_grpc
+
+        return security_pb2_grpc.SecurityStub(local_channel(f"127.0.0.1:{self.cfg.security.server.port}", self.cfg.home))
+
     def pid(self, name: str) -> int:
         return next(p["pid"] for p in self.state()["processes"] if p["name"] == name)
 

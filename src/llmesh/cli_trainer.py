@@ -25,13 +25,11 @@ def _stub(cfg: MeshConfig):  # type: ignore[no-untyped-def]
     return trainer_pb2_grpc.TrainerStub(local_channel(f"{s.host}:{s.port}", cfg.home))
 
 
-def upload(stub, path: Path, eval_fraction: float, seed: int, name: str = "") -> object:  # type: ignore[no-untyped-def]
-    """Stream a dataset file to the trainer (header with its SHA-256, then 1 MiB chunks)."""
+def upload(stub, data: bytes, name: str, eval_fraction: float = 0.1, seed: int = 0) -> object:  # type: ignore[no-untyped-def]
+    """Stream a dataset to the trainer (header with its SHA-256, then 1 MiB chunks)."""
     from llmesh.trainer.v1 import trainer_pb2 as pb
 
-    data = path.read_bytes()
-    header = pb.DatasetHeader(name=name or path.name, sha256=hashlib.sha256(data).hexdigest(),
-                              eval_fraction=eval_fraction, seed=seed)
+    header = pb.DatasetHeader(name=name, sha256=hashlib.sha256(data).hexdigest(), eval_fraction=eval_fraction, seed=seed)
 
     def parts() -> Iterator[pb.UploadDatasetRequest]:
         yield pb.UploadDatasetRequest(header=header)
@@ -81,7 +79,7 @@ def train(
     cfg = _config(config)
     stub = _stub(cfg)
     try:
-        ds = upload(stub, dataset, eval_fraction, seed)
+        ds = upload(stub, dataset.read_bytes(), dataset.name, eval_fraction, seed)
         console.print(f"dataset {ds.dataset_id}: {ds.train_examples} train + {ds.eval_examples} eval examples "
                       f"({ds.duplicates_dropped} duplicates dropped)")
         job = stub.CreateJob(pb.CreateJobRequest(

@@ -32,7 +32,7 @@ from llmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from llmesh.launcher.health import DOWN, probe_grpc
 from llmesh.launcher.processes import is_alive, read_state
 from llmesh.runtime.config import MeshConfig, SecuritySettings, ServerSettings
-from llmesh.runtime.identity import HS256_SECRET
+from llmesh.runtime.identity import HS256_SECRET, INTERNAL_SECRET
 from llmesh.security.v1 import security_pb2, security_pb2_grpc
 from llmesh.services.gateway.fields import has_pii, mask_message
 from llmesh.services.gateway.masking import DEFAULT_OPERATORS, Masker, Vault
@@ -56,7 +56,6 @@ INFERENCE = "llmesh.inference.v1.Inference"
 SECURITY = "llmesh.security.v1.Security"
 # Read-only, side-effect-free RPCs used to knock on a service's door without an identity.
 PROBE_METHODS = {INFERENCE: f"/{INFERENCE}/ListTemplates", SECURITY: f"/{SECURITY}/GetMaskingRules"}
-INTERNAL_KEY = "internal.key"  # runtime.identity.load_secret's default name
 # A synthetic CN mobile number for the masking self-test (not a real subscriber).
 SAMPLE_PHONE = "13812348000"
 
@@ -482,7 +481,7 @@ def access_control(cfg: MeshConfig) -> Check:
         if gw.require_signature else
         ("warn", "gateway.require_signature=false: a stolen JWT is enough (no request signature, no replay check)"),
         *token_signing_findings(cfg),
-        private_file(security_dir(cfg) / INTERNAL_KEY, "internal identity key"),
+        private_file(security_dir(cfg) / INTERNAL_SECRET, "internal identity key"),
         unauthenticated_probe("inference service", server_address(cfg.inference.server), PROBE_METHODS[INFERENCE]),
         unauthenticated_probe("security service", server_address(cfg.security.server), PROBE_METHODS[SECURITY]),
     ]
@@ -499,8 +498,8 @@ def audit_chain_finding(cfg: MeshConfig) -> Finding:
     health = probe_grpc(s.host, s.port, timeout=PROBE_TIMEOUT_S)
     if health == DOWN:
         return "fail", f"security service unreachable at {address}: audit chain not verified"
-    if not (security_dir(cfg) / INTERNAL_KEY).is_file():  # local_channel would create one
-        return "fail", f"{security_dir(cfg) / INTERNAL_KEY} is missing: cannot call the security service"
+    if not (security_dir(cfg) / INTERNAL_SECRET).is_file():  # local_channel would create one
+        return "fail", f"{security_dir(cfg) / INTERNAL_SECRET} is missing: cannot call the security service"
     channel = local_channel(address, cfg.home)
     try:
         stub = security_pb2_grpc.SecurityStub(channel)

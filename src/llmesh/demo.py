@@ -119,7 +119,7 @@ def run_demo(cfg: MeshConfig, config_path: Path | None, timeout: float) -> int:
 def adapt(inference: pb_grpc.InferenceStub, trainer: trainer_pb2_grpc.TrainerStub) -> None:
     """Train a LoRA adapter on the bundled FAQ (once), publish it as faq@live, and
     compare the answers of the base model and the adapter."""
-    from llmesh.cli_trainer import watch
+    from llmesh.cli_trainer import upload, watch
     from llmesh.models.demo import faq_pairs
 
     _section("LoRA adapter trained on the bundled FAQ (trainer service, published without a Triton restart)")
@@ -130,10 +130,7 @@ def adapt(inference: pb_grpc.InferenceStub, trainer: trainer_pb2_grpc.TrainerStu
     except grpc.RpcError as e:
         if e.code() != grpc.StatusCode.NOT_FOUND:
             raise
-        data = json.dumps(pairs, ensure_ascii=False).encode()
-        header = trainer_pb2.DatasetHeader(name="faq.json", eval_fraction=0.1, seed=3)
-        parts = [trainer_pb2.UploadDatasetRequest(header=header), trainer_pb2.UploadDatasetRequest(data=data)]
-        ds = trainer.UploadDataset(iter(parts), timeout=60)
+        ds = upload(trainer, json.dumps(pairs, ensure_ascii=False).encode(), "faq.json", eval_fraction=0.1, seed=3)
         console.print(f"dataset {ds.dataset_id}: {ds.train_examples} train + {ds.eval_examples} held-out pairs")
         job = trainer.CreateJob(trainer_pb2.CreateJobRequest(dataset_id=ds.dataset_id, adapter_name="faq",
                                                              lora=trainer_pb2.LoraConfig(rank=FAQ_RANK), **FAQ_TRAINING),

@@ -11,9 +11,7 @@ from typer.testing import CliRunner
 
 from llmesh import compliance
 from llmesh.cli import app
-from llmesh.client import local_channel
 from llmesh.security.v1 import security_pb2 as spb
-from llmesh.security.v1 import security_pb2_grpc as spb_grpc
 from tests.conftest import Mesh
 
 
@@ -29,15 +27,11 @@ def _checks(mesh: Mesh) -> dict[str, dict[str, Any]]:
     return checks
 
 
-def _security(mesh: Mesh) -> spb_grpc.SecurityStub:
-    return spb_grpc.SecurityStub(local_channel(f"127.0.0.1:{mesh.cfg.security.server.port}", mesh.cfg.home))
-
-
 def test_audit_chain_is_verified_live(mesh: Mesh) -> None:
     before = _checks(mesh)["audit_log"]
     assert before["status"] == "pass"
     n = int(before["evidence"][0].rsplit(" over ", 1)[1].split()[0])
-    _security(mesh).AppendAudit(spb.AppendAuditRequest(actor="compliance-test", action="probe"), timeout=10)
+    mesh.security().AppendAudit(spb.AppendAuditRequest(actor="compliance-test", action="probe"), timeout=10)
     after = compliance.audit_log(mesh.cfg)
     assert after.status == "pass"
     sec = f"127.0.0.1:{mesh.cfg.security.server.port}"
@@ -70,7 +64,7 @@ def test_redis_persistence_is_read_from_the_live_server(mesh: Mesh) -> None:
 
 
 def test_api_key_secrets_are_ciphertexts_in_the_live_database(mesh: Mesh) -> None:
-    created = _security(mesh).CreateApiKey(spb.CreateApiKeyRequest(owner="compliance", scopes=["inference:read"]),
+    created = mesh.security().CreateApiKey(spb.CreateApiKeyRequest(owner="compliance", scopes=["inference:read"]),
                                            timeout=10)
     check = _checks(mesh)["encryption_at_rest"]
     line = next(e for e in check["evidence"] if e.startswith("api_keys.secret_ct: "))

@@ -24,12 +24,8 @@ from tests.conftest import Mesh
 GENERATE = "/llmesh.inference.v1.Inference/Generate"
 
 
-def _security(mesh: Mesh) -> spb_grpc.SecurityStub:
-    return spb_grpc.SecurityStub(local_channel(f"127.0.0.1:{mesh.cfg.security.server.port}", mesh.cfg.home))
-
-
 def _key(mesh: Mesh, scopes: list[str], tenant: str = "acme") -> tuple[ApiKey, str]:
-    sec = _security(mesh)
+    sec = mesh.security()
     created = sec.CreateApiKey(spb.CreateApiKeyRequest(owner="app", tenant=tenant, scopes=scopes), timeout=10)
     key = ApiKey(created.key.key_id, created.secret)
     token = sec.IssueToken(spb.IssueTokenRequest(key_id=key.key_id, secret=key.secret), timeout=10).token
@@ -114,7 +110,7 @@ def test_attacks_are_refused(mesh: Mesh, gateway: grpc.Channel, creds: tuple[Api
     # Every refusal is audited with its status and reason (never a credential).
     deadline = time.monotonic() + 15
     while True:
-        records = _security(mesh).QueryAudit(spb.QueryAuditRequest(action=GENERATE, limit=1000), timeout=10).records
+        records = mesh.security().QueryAudit(spb.QueryAuditRequest(action=GENERATE, limit=1000), timeout=10).records
         refused = [r for r in records if r.outcome in ("UNAUTHENTICATED", "PERMISSION_DENIED")]
         if len(refused) >= 11:
             break
@@ -134,7 +130,7 @@ def test_pii_is_masked_before_the_model_and_audited_without_values(mesh: Mesh, s
     user_turn = stored.messages[0].content
     assert "13812348000" not in user_turn and "<PHONE_1>" in user_turn and "<EMAIL_1>" in user_turn
     deadline = time.monotonic() + 15
-    sec = _security(mesh)
+    sec = mesh.security()
     while True:
         records = sec.QueryAudit(spb.QueryAuditRequest(action="/llmesh.inference.v1.Inference/Chat", actor="app",
                                                        limit=1000), timeout=10).records

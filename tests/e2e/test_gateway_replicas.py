@@ -23,12 +23,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmesh.auth.signature import sign
 from llmesh.auth_client import ApiKey, gateway_channel
-from llmesh.client import describe_error, local_channel
+from llmesh.client import describe_error
 from llmesh.inference.v1 import inference_pb2 as pb
 from llmesh.inference.v1 import inference_pb2_grpc as pb_grpc
 from llmesh.sandbox import RedisServer, free_ports
 from llmesh.security.v1 import security_pb2 as spb
-from llmesh.security.v1 import security_pb2_grpc as spb_grpc
 from tests.conftest import Mesh
 
 READ_LIMIT = 20  # read calls per principal per minute, on both replicas
@@ -106,12 +105,8 @@ def replicas(mesh: Mesh, redis: RedisServer, tmp_path_factory: pytest.TempPathFa
             r.stop()
 
 
-def _security(mesh: Mesh) -> spb_grpc.SecurityStub:
-    return spb_grpc.SecurityStub(local_channel(f"127.0.0.1:{mesh.cfg.security.server.port}", mesh.cfg.home))
-
-
 def _key(mesh: Mesh, owner: str, scopes: list[str]) -> ApiKey:
-    created = _security(mesh).CreateApiKey(spb.CreateApiKeyRequest(owner=owner, tenant="acme", scopes=scopes), timeout=10)
+    created = mesh.security().CreateApiKey(spb.CreateApiKeyRequest(owner=owner, tenant="acme", scopes=scopes), timeout=10)
     return ApiKey(created.key.key_id, created.secret)
 
 
@@ -144,7 +139,7 @@ def test_rate_limit_is_shared_by_replicas(mesh: Mesh, replicas: list[Replica]) -
 
 def test_redis_stopped_and_restarted_under_the_replicas(mesh: Mesh, replicas: list[Replica], redis: RedisServer) -> None:
     key = _key(mesh, f"outage-{uuid.uuid4().hex[:8]}", ["inference:read", "inference:chat"])
-    token = _security(mesh).IssueToken(spb.IssueTokenRequest(key_id=key.key_id, secret=key.secret), timeout=10).token
+    token = mesh.security().IssueToken(spb.IssueTokenRequest(key_id=key.key_id, secret=key.secret), timeout=10).token
     a = pb_grpc.InferenceStub(gateway_channel(replicas[0].address, key))
     read = lambda: a.ListTemplates(pb.ListTemplatesRequest(), timeout=20)  # noqa: E731 - read class: fails open
     write = lambda: a.DeleteConversation(pb.DeleteConversationRequest(conversation_id="c" * 16), timeout=20)  # noqa: E731
@@ -171,7 +166,7 @@ def test_redis_stopped_and_restarted_under_the_replicas(mesh: Mesh, replicas: li
 
 
 def _audited(mesh: Mesh, actor: str) -> int:
-    return len(_security(mesh).QueryAudit(spb.QueryAuditRequest(actor=actor, limit=1000), timeout=10).records)
+    return len(mesh.security().QueryAudit(spb.QueryAuditRequest(actor=actor, limit=1000), timeout=10).records)
 
 
 def test_no_audit_record_is_lost_when_a_replica_stops(mesh: Mesh, replicas: list[Replica]) -> None:
@@ -211,4 +206,4 @@ def test_audit_is_spooled_when_security_is_down_at_shutdown(mesh: Mesh, replicas
         assert time.monotonic() < deadline, "spooled audit records were not delivered"
         time.sleep(0.3)
     assert not list(spool.iterdir())
-    assert _security(mesh).VerifyAuditChain(spb.VerifyAuditChainRequest(), timeout=10).intact
+    assert mesh.security().VerifyAuditChain(spb.VerifyAuditChainRequest(), timeout=10).intact

@@ -21,7 +21,6 @@ from llmesh.inference.v1 import inference_pb2 as ipb
 from llmesh.inference.v1 import inference_pb2_grpc as igrpc
 from llmesh.models.demo import faq_pairs
 from llmesh.security.v1 import security_pb2 as spb
-from llmesh.security.v1 import security_pb2_grpc as spb_grpc
 from llmesh.trainer.v1 import trainer_pb2 as pb
 from llmesh.trainer.v1 import trainer_pb2_grpc as pb_grpc
 from tests.conftest import Mesh
@@ -32,7 +31,7 @@ FAQ_JOB = dict(lora=pb.LoraConfig(rank=FAQ_RANK), **FAQ_TRAINING)  # what the de
 
 @pytest.fixture(scope="module")
 def channel(mesh: Mesh) -> Iterator[grpc.Channel]:
-    sec = spb_grpc.SecurityStub(local_channel(f"127.0.0.1:{mesh.cfg.security.server.port}", mesh.cfg.home))
+    sec = mesh.security()
     created = sec.CreateApiKey(spb.CreateApiKeyRequest(owner="ml-engineer", tenant="acme",
                                                        scopes=["trainer:*", "inference:*"]), timeout=10)
     ch = gateway_channel(f"127.0.0.1:{mesh.cfg.gateway.server.port}", ApiKey(created.key.key_id, created.secret))

@@ -28,6 +28,8 @@ IDENTITY_KEY = "x-llmesh-identity"
 ISSUER = "llmesh-gateway"
 AUDIENCE = "llmesh-internal"
 TTL_S = 60
+# The secret internal identity tokens are signed with.
+INTERNAL_SECRET = "internal.key"
 # The development-only HS256 JWT secret (security.signing_algorithm: HS256).
 HS256_SECRET = "jwt-hs256.key"
 
@@ -40,7 +42,7 @@ class Principal:
     roles: frozenset[str] = frozenset()
 
 
-def load_secret(home: Path, name: str = "internal.key") -> bytes:
+def load_secret(home: Path, name: str = INTERNAL_SECRET) -> bytes:
     """A 32-byte secret shared by the mesh's processes on this host
     (``LLMESH_HOME/security/<name>``, 0600); the first process to need it creates it."""
     path = home / "security" / name

@@ -27,8 +27,6 @@ from llmesh.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 from llmesh.adapter_store import ANNOUNCEMENT, DEFAULT_ALIAS, folder
 from llmesh.runtime.sqlite import transaction
 
-__all__ = ["folder", "DEFAULT_ALIAS"]
-
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 ALIAS = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 

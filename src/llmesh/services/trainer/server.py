@@ -4,6 +4,7 @@ promoted. Training itself runs in worker processes started by ``JobRunner``."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ from typing import AsyncIterator
 import grpc
 from google.protobuf import timestamp_pb2
 
+from llmesh.adapter_store import DEFAULT_ALIAS, folder
 from llmesh.runtime.config import MeshConfig
 from llmesh.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 from llmesh.runtime.identity import InternalIdentity
@@ -63,7 +65,7 @@ def job_pb(row: sqlite3.Row) -> pb.Job:
 
 
 def adapter_pb(conn: sqlite3.Connection, row: sqlite3.Row) -> pb.Adapter:
-    return pb.Adapter(name=row["name"], version=row["version"], ref=registry.folder(row["name"], row["version"]),
+    return pb.Adapter(name=row["name"], version=row["version"], ref=folder(row["name"], row["version"]),
                       aliases=registry.aliases_of(conn, row["name"], row["version"]), job_id=row["job_id"],
                       base_model=row["base_model"], base_model_sha256=row["base_model_sha256"],
                       dataset_id=row["dataset_id"], hyperparameters=json.loads(row["hyperparameters"]),
@@ -77,9 +79,9 @@ def dataset_pb(row: sqlite3.Row) -> pb.Dataset:
                       duplicates_dropped=row["duplicates"], sha256=row["sha256"], created_at=ts(row["created_at"]))
 
 
-def resolve_job_params(req: pb.CreateJobRequest, qlora_possible: bool) -> dict:
+def resolve_job_params(req: pb.CreateJobRequest) -> dict:
     """The hyperparameters a job runs with, defaults filled in and ranges checked."""
-    if req.qlora and not qlora_possible:
+    if req.qlora and not qlora_possible():
         raise FailedPrecondition("QLoRA needs a CUDA GPU and bitsandbytes; neither is available on this trainer")
     lora = req.lora
     p = {
@@ -101,7 +103,10 @@ def resolve_job_params(req: pb.CreateJobRequest, qlora_possible: bool) -> dict:
     return p
 
 
+@functools.cache
 def qlora_possible() -> bool:
+    """Asked only when a job wants QLoRA: importing torch costs the service seconds and
+    hundreds of MB it otherwise never needs (training happens in the worker)."""
     try:
         import importlib.util
 
@@ -118,7 +123,6 @@ class TrainerServicer(pb_grpc.TrainerServicer):
         self.db = db
         self.identity = identity
         self._wake = wake  # the job runner's
-        self._qlora = qlora_possible()
 
     def _caller(self, context: grpc.aio.ServicerContext) -> str:
         p = self.identity.principal(context)
@@ -208,7 +212,7 @@ class TrainerServicer(pb_grpc.TrainerServicer):
 
     # ---- jobs -------------------------------------------------------------------------
     async def CreateJob(self, request: pb.CreateJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
-        params = resolve_job_params(request, self._qlora)
+        params = resolve_job_params(request)
         job_id = "job_" + uuid.uuid4().hex[:16]
         who = self._caller(context)
 
@@ -287,14 +291,14 @@ class TrainerServicer(pb_grpc.TrainerServicer):
 
         def promote(c: sqlite3.Connection) -> pb.Adapter:
             name, version = registry.promote(c, self.cfg.adapter_dir, request.ref, request.alias, served)
-            return adapter_pb(c, registry.resolve(c, registry.folder(name, version)))
+            return adapter_pb(c, registry.resolve(c, folder(name, version)))
 
         return await self.db.call(promote)
 
     async def RollbackAdapter(self, request: pb.RollbackAdapterRequest, context: grpc.aio.ServicerContext) -> pb.Adapter:
         def rollback(c: sqlite3.Connection) -> pb.Adapter:
             name, version = registry.rollback(c, self.cfg.adapter_dir, request.name, request.alias)
-            return adapter_pb(c, registry.resolve(c, registry.folder(name, version)))
+            return adapter_pb(c, registry.resolve(c, folder(name, version)))
 
         return await self.db.call(rollback)
 
@@ -302,7 +306,7 @@ class TrainerServicer(pb_grpc.TrainerServicer):
         served = await asyncio.to_thread(registry.model_fingerprint, self.cfg.llm_path)
         arms = [(a.version, a.weight) for a in request.arms]
         await self.db.call(lambda c: registry.set_split(c, self.cfg.adapter_dir, request.name, request.alias, arms, served))
-        return pb.Split(name=request.name, alias=request.alias or registry.DEFAULT_ALIAS, arms=request.arms)
+        return pb.Split(name=request.name, alias=request.alias or DEFAULT_ALIAS, arms=request.arms)
 
     async def DeleteAdapter(self, request: pb.DeleteAdapterRequest, context: grpc.aio.ServicerContext) -> pb.DeleteAdapterResponse:
         deleted = await self.db.call(lambda c: registry.delete(c, self.cfg.adapter_dir, request.ref))

@@ -117,6 +117,7 @@ def train(cfg: Any, job: Job) -> None:
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
 
+    from llmesh.adapter_store import folder
     from llmesh.services.trainer import registry
     from llmesh.services.trainer.datasets import from_jsonl
     from llmesh.services.trainer.encoding import collate, encode
@@ -221,7 +222,7 @@ def train(cfg: Any, job: Job) -> None:
         base_sha=registry.model_fingerprint(cfg.llm_path), dataset_id=job.row["dataset_id"],
         hyperparameters={k: str(v) for k, v in p.items()}, base_eval=asdict(base_metrics),
         tuned_eval=asdict(tuned_metrics), min_improvement=p["min_improvement"], created_by=job.row["created_by"])
-    ref = registry.folder(p["adapter_name"], version)
+    ref = folder(p["adapter_name"], version)
     job.update(("succeeded", f"published {ref}"), state="succeeded", adapter_ref=ref, finished_at=time.time())
     shutil.rmtree(checkpoint, ignore_errors=True)
 
