@@ -16,19 +16,19 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Awaitable, Callable
 
 import grpc
 
 from llmesh.auth.signature import sign
 from llmesh.client import OPERATOR, sampling
-from llmesh.inference.v1 import inference_pb2 as pb
-from llmesh.inference.v1 import inference_pb2_grpc as pb_grpc
-from llmesh.runtime.config import MeshConfig
+from llmesh.pb.inference.v1 import inference_pb2 as pb
+from llmesh.pb.inference.v1 import inference_pb2_grpc as pb_grpc
+from llmesh.pb.security.v1 import security_pb2 as spb
+from llmesh.pb.security.v1 import security_pb2_grpc as spb_grpc
+from llmesh.config import MeshConfig
 from llmesh.runtime.identity import IDENTITY_KEY, InternalIdentity, load_secret
-from llmesh.security.v1 import security_pb2 as spb
-from llmesh.security.v1 import security_pb2_grpc as spb_grpc
 
 OUT = Path(__file__).parent / "out"
 LIST = "/llmesh.inference.v1.Inference/ListTemplates"
@@ -49,9 +49,12 @@ async def credentials(cfg: MeshConfig, identity: InternalIdentity) -> Credential
     md = ((IDENTITY_KEY, identity.mint(OPERATOR)),)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{cfg.security.server.port}") as ch:
         sec = spb_grpc.SecurityStub(ch)
-        key = await sec.CreateApiKey(spb.CreateApiKeyRequest(owner="bench", tenant="bench", scopes=["inference:*"]),
-                                     timeout=10, metadata=md)
-        tok = await sec.IssueToken(spb.IssueTokenRequest(key_id=key.key.key_id, secret=key.secret), timeout=10, metadata=md)
+        key = await sec.CreateApiKey(
+            spb.CreateApiKeyRequest(owner="bench", tenant="bench", scopes=["inference:*"]), timeout=10, metadata=md
+        )
+        tok = await sec.IssueToken(
+            spb.IssueTokenRequest(key_id=key.key.key_id, secret=key.secret), timeout=10, metadata=md
+        )
     return Credentials(key.key.key_id, key.secret, tok.token)
 
 
@@ -95,6 +98,7 @@ async def run(cfg: MeshConfig, n_unary: int, n_stream: int, concurrency: int) ->
         async def call() -> None:
             md = creds.metadata(LIST, list_req) if path == "gateway" else ((IDENTITY_KEY, identity.mint(OPERATOR)),)
             await stubs[path].ListTemplates(list_req, metadata=md, timeout=10)
+
         return call
 
     def stream(path: str, ttft: list[float]) -> Callable[[], Awaitable[None]]:
@@ -106,6 +110,7 @@ async def run(cfg: MeshConfig, n_unary: int, n_stream: int, concurrency: int) ->
                 if first:
                     ttft.append((time.perf_counter() - t0) * 1000)
                     first = False
+
         return call
 
     results: dict[str, dict[str, float]] = {}
@@ -116,9 +121,11 @@ async def run(cfg: MeshConfig, n_unary: int, n_stream: int, concurrency: int) ->
         ttft: list[float] = []
         total = await latencies(stream(path, ttft), n_stream)
         results[path] = {
-            "unary_p50_ms": statistics.median(lat), "unary_p99_ms": pct(lat, 0.99),
+            "unary_p50_ms": statistics.median(lat),
+            "unary_p99_ms": pct(lat, 0.99),
             "unary_calls_per_s": await throughput(unary(path), n_unary, concurrency),
-            "stream_ttft_p50_ms": statistics.median(ttft), "stream_total_p50_ms": statistics.median(total),
+            "stream_ttft_p50_ms": statistics.median(ttft),
+            "stream_total_p50_ms": statistics.median(total),
             "stream_total_p99_ms": pct(total, 0.99),
         }
     await direct.close()
@@ -128,14 +135,21 @@ async def run(cfg: MeshConfig, n_unary: int, n_stream: int, concurrency: int) ->
 
 def report(r: dict[str, dict[str, float]], concurrency: int) -> None:
     d, g = r["direct"], r["gateway"]
-    rows = [("unary p50 ms", "unary_p50_ms"), ("unary p99 ms", "unary_p99_ms"),
-            (f"unary calls/s (c={concurrency})", "unary_calls_per_s"), ("stream TTFT p50 ms", "stream_ttft_p50_ms"),
-            ("stream total p50 ms", "stream_total_p50_ms"), ("stream total p99 ms", "stream_total_p99_ms")]
+    rows = [
+        ("unary p50 ms", "unary_p50_ms"),
+        ("unary p99 ms", "unary_p99_ms"),
+        (f"unary calls/s (c={concurrency})", "unary_calls_per_s"),
+        ("stream TTFT p50 ms", "stream_ttft_p50_ms"),
+        ("stream total p50 ms", "stream_total_p50_ms"),
+        ("stream total p99 ms", "stream_total_p99_ms"),
+    ]
     print(f"{'metric':<26} {'direct':>10} {'gateway':>10} {'ratio':>7}")
     for label, k in rows:
         print(f"{label:<26} {d[k]:>10.2f} {g[k]:>10.2f} {g[k] / d[k]:>7.2f}")
-    print(f"\nadded at p50: unary {g['unary_p50_ms'] - d['unary_p50_ms']:.2f} ms, "
-          f"stream TTFT {g['stream_ttft_p50_ms'] - d['stream_ttft_p50_ms']:.2f} ms")
+    print(
+        f"\nadded at p50: unary {g['unary_p50_ms'] - d['unary_p50_ms']:.2f} ms, "
+        f"stream TTFT {g['stream_ttft_p50_ms'] - d['stream_ttft_p50_ms']:.2f} ms"
+    )
 
 
 def main() -> None:
@@ -144,11 +158,13 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=40, help="streamed generations per path (default 40)")
     ap.add_argument("--concurrency", type=int, default=8, help="concurrency of the throughput run (default 8)")
     args = ap.parse_args()
-    from llmesh.sandbox import ephemeral_mesh
+    from tests.support.sandbox import ephemeral_mesh
 
     OUT.mkdir(exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="llmesh-bench-") as tmp, \
-            ephemeral_mesh(Path(tmp), {"gateway": {"rate_limits": HIGH, "tokens_per_minute": 100_000_000}}) as (cfg, _):
+    with (
+        tempfile.TemporaryDirectory(prefix="llmesh-bench-") as tmp,
+        ephemeral_mesh(Path(tmp), {"gateway": {"rate_limits": HIGH, "tokens_per_minute": 100_000_000}}) as (cfg, _),
+    ):
         results = asyncio.run(run(cfg, args.unary, args.streams, args.concurrency))
     report(results, args.concurrency)
     (OUT / "gateway.json").write_text(json.dumps(results, indent=2))

@@ -20,9 +20,9 @@ import statistics
 import tempfile
 import time
 import urllib.request
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Awaitable, Callable
 
 import grpc
 import tritonclient.grpc.aio as triton
@@ -30,9 +30,9 @@ from tritonclient.grpc import InferRequestedOutput
 
 from llmesh.client import OPERATOR
 from llmesh.client import sampling as sampling_pb
-from llmesh.inference.v1 import inference_pb2 as pb
-from llmesh.inference.v1 import inference_pb2_grpc as pb_grpc
-from llmesh.runtime.config import MeshConfig, load_config
+from llmesh.pb.inference.v1 import inference_pb2 as pb
+from llmesh.pb.inference.v1 import inference_pb2_grpc as pb_grpc
+from llmesh.config import MeshConfig, load_config
 from llmesh.runtime.identity import IDENTITY_KEY, InternalIdentity, load_secret
 from llmesh.services.inference.llm_backend import OUTPUTS, GenerationInput, build_inputs
 from llmesh.services.inference.sampling import Sampling
@@ -66,10 +66,16 @@ Call = Callable[[int], Awaitable[Sample]]
 
 def direct_call(client: triton.InferenceServerClient, model: str, max_tokens: int) -> Call:
     async def call(i: int) -> Sample:
-        inp = GenerationInput(Sampling(temperature=1.0, max_tokens=max_tokens, seed=i), prompt=PROMPTS[i % len(PROMPTS)])
+        inp = GenerationInput(
+            Sampling(temperature=1.0, max_tokens=max_tokens, seed=i), prompt=PROMPTS[i % len(PROMPTS)]
+        )
 
         async def reqs():  # type: ignore[no-untyped-def]
-            yield {"model_name": model, "inputs": build_inputs(inp, True), "outputs": [InferRequestedOutput(n) for n in OUTPUTS]}
+            yield {
+                "model_name": model,
+                "inputs": build_inputs(inp, True),
+                "outputs": [InferRequestedOutput(n) for n in OUTPUTS],
+            }
 
         t0 = time.perf_counter()
         ttft, tokens = None, 0
@@ -88,7 +94,9 @@ def direct_call(client: triton.InferenceServerClient, model: str, max_tokens: in
 
 def service_call(stub: pb_grpc.InferenceStub, max_tokens: int, identity: InternalIdentity) -> Call:
     async def call(i: int) -> Sample:
-        req = pb.GenerateRequest(prompt=PROMPTS[i % len(PROMPTS)], sampling=sampling_pb(max_tokens=max_tokens, temperature=1.0, seed=i))
+        req = pb.GenerateRequest(
+            prompt=PROMPTS[i % len(PROMPTS)], sampling=sampling_pb(max_tokens=max_tokens, temperature=1.0, seed=i)
+        )
         t0 = time.perf_counter()
         ttft, tokens = None, 0
         md = ((IDENTITY_KEY, identity.mint(OPERATOR)),)  # straight to the service, as the gateway would
@@ -127,15 +135,26 @@ async def run_level(path: str, call: Call, concurrency: int, n: int, metrics_url
     wall = time.perf_counter() - t0
     r1, b1 = triton_counters(metrics_url)
     ttfts = sorted(s.ttft_s * 1000 for s in samples)
-    return Row(path, concurrency, n, statistics.median(ttfts), ttfts[max(0, int(0.95 * len(ttfts)) - 1)],
-               sum(s.tokens for s in samples) / wall, wall, (r1 - r0) / max(1.0, b1 - b0))
+    return Row(
+        path,
+        concurrency,
+        n,
+        statistics.median(ttfts),
+        ttfts[max(0, int(0.95 * len(ttfts)) - 1)],
+        sum(s.tokens for s in samples) / wall,
+        wall,
+        (r1 - r0) / max(1.0, b1 - b0),
+    )
 
 
 async def bench(cfg: MeshConfig, levels: list[int], requests: int, max_tokens: int) -> list[Row]:
     client = triton.InferenceServerClient(cfg.inference.peers.triton)
     channel = grpc.aio.insecure_channel(f"{cfg.inference.server.host}:{cfg.inference.server.port}")
     stub = pb_grpc.InferenceStub(channel)
-    calls = {"direct": direct_call(client, cfg.inference.model, max_tokens), "service": service_call(stub, max_tokens, InternalIdentity(load_secret(cfg.home)))}
+    calls = {
+        "direct": direct_call(client, cfg.inference.model, max_tokens),
+        "service": service_call(stub, max_tokens, InternalIdentity(load_secret(cfg.home))),
+    }
     metrics_url = f"http://127.0.0.1:{cfg.triton.metrics_port}/metrics"
     rows = []
     for c in levels:
@@ -151,16 +170,20 @@ def report(rows: list[Row], levels: list[int]) -> dict[str, float]:
     by = {(r.path, r.concurrency): r for r in rows}
     print(f"{'path':<8} {'conc':>4} {'reqs':>5} {'ttft p50 ms':>12} {'ttft p95 ms':>12} {'tok/s':>9} {'batch':>6}")
     for r in rows:
-        print(f"{r.path:<8} {r.concurrency:>4} {r.requests:>5} {r.ttft_p50_ms:>12.1f} {r.ttft_p95_ms:>12.1f} "
-              f"{r.tokens_per_s:>9.1f} {r.mean_batch:>6.1f}")
+        print(
+            f"{r.path:<8} {r.concurrency:>4} {r.requests:>5} {r.ttft_p50_ms:>12.1f} {r.ttft_p95_ms:>12.1f} "
+            f"{r.tokens_per_s:>9.1f} {r.mean_batch:>6.1f}"
+        )
     ratios: dict[str, float] = {}
     print()
     for c in levels:
         d, s = by[("direct", c)], by[("service", c)]
         ratios[f"ttft_overhead_c{c}"] = s.ttft_p50_ms / d.ttft_p50_ms
         ratios[f"throughput_ratio_c{c}"] = s.tokens_per_s / d.tokens_per_s
-        print(f"concurrency {c:>2}: service/direct TTFT p50 = {ratios[f'ttft_overhead_c{c}']:.2f}x, "
-              f"service/direct tok/s = {ratios[f'throughput_ratio_c{c}']:.2f}x")
+        print(
+            f"concurrency {c:>2}: service/direct TTFT p50 = {ratios[f'ttft_overhead_c{c}']:.2f}x, "
+            f"service/direct tok/s = {ratios[f'throughput_ratio_c{c}']:.2f}x"
+        )
     hi = max(levels)
     for p in ("direct", "service"):
         ratios[f"batching_gain_{p}"] = by[(p, hi)].tokens_per_s / by[(p, min(levels))].tokens_per_s
@@ -201,7 +224,7 @@ def main() -> None:
     if args.config:
         rows = asyncio.run(bench(load_config(args.config), levels, args.requests, args.max_tokens))
     else:
-        from llmesh.sandbox import ephemeral_mesh
+        from tests.support.sandbox import ephemeral_mesh
 
         with tempfile.TemporaryDirectory(prefix="llmesh-bench-") as tmp, ephemeral_mesh(Path(tmp)) as (cfg, _):
             rows = asyncio.run(bench(cfg, levels, args.requests, args.max_tokens))

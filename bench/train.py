@@ -20,12 +20,12 @@ import tempfile
 import time
 from pathlib import Path
 
-
 OUT = Path(__file__).parent / "out"
 
 
-def plain_steps_per_second(model_path: Path, pairs: list[dict], steps: int, batch_size: int, rank: int, lr: float,
-                           max_length: int, seed: int) -> float:
+def plain_steps_per_second(
+    model_path: Path, pairs: list[dict], steps: int, batch_size: int, rank: int, lr: float, max_length: int, seed: int
+) -> float:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
@@ -35,10 +35,21 @@ def plain_steps_per_second(model_path: Path, pairs: list[dict], steps: int, batc
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, task_type="CAUSAL_LM",
-                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
-    data = [encode(tok, [{"role": "user", "content": p["question"]}, {"role": "assistant", "content": p["answer"]}], max_length)
-            for p in pairs]
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=rank,
+            lora_alpha=2 * rank,
+            task_type="CAUSAL_LM",
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        ),
+    )
+    data = [
+        encode(
+            tok, [{"role": "user", "content": p["question"]}, {"role": "assistant", "content": p["answer"]}], max_length
+        )
+        for p in pairs
+    ]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -57,13 +68,24 @@ def plain_steps_per_second(model_path: Path, pairs: list[dict], steps: int, batc
     return steps / (time.perf_counter() - t0)
 
 
-def service_steps_per_second(stub, dataset_id: str, name: str, epochs: int, batch_size: int, rank: int, lr: float,
-                             max_length: int, seed: int) -> tuple[float, int]:  # type: ignore[no-untyped-def]
-    from llmesh.trainer.v1 import trainer_pb2 as pb
+def service_steps_per_second(
+    stub, dataset_id: str, name: str, epochs: int, batch_size: int, rank: int, lr: float, max_length: int, seed: int
+) -> tuple[float, int]:  # type: ignore[no-untyped-def]
+    from llmesh.pb.trainer.v1 import trainer_pb2 as pb
 
-    job = stub.CreateJob(pb.CreateJobRequest(dataset_id=dataset_id, adapter_name=name, lora=pb.LoraConfig(rank=rank),
-                                             epochs=epochs, learning_rate=lr, batch_size=batch_size,
-                                             max_length=max_length, seed=seed), timeout=30)
+    job = stub.CreateJob(
+        pb.CreateJobRequest(
+            dataset_id=dataset_id,
+            adapter_name=name,
+            lora=pb.LoraConfig(rank=rank),
+            epochs=epochs,
+            learning_rate=lr,
+            batch_size=batch_size,
+            max_length=max_length,
+            seed=seed,
+        ),
+        timeout=30,
+    )
     final = None
     for event in stub.WatchJob(pb.GetJobRequest(job_id=job.job_id), timeout=1800):
         final = event.job
@@ -80,9 +102,9 @@ def main() -> None:
     args = ap.parse_args()
     from llmesh.cli_trainer import upload
     from llmesh.client import local_channel
-    from llmesh.models.demo import faq_pairs
-    from llmesh.sandbox import ephemeral_mesh
-    from llmesh.trainer.v1 import trainer_pb2_grpc
+    from llmesh.demo.models import faq_pairs
+    from llmesh.pb.trainer.v1 import trainer_pb2_grpc
+    from tests.support.sandbox import ephemeral_mesh
 
     lr, max_length, seed = 3e-3, 192, 1
     pairs = faq_pairs()
@@ -92,18 +114,27 @@ def main() -> None:
         stub = trainer_pb2_grpc.TrainerStub(local_channel(f"127.0.0.1:{cfg.trainer.server.port}", cfg.home))
         ds = upload(stub, json.dumps(pairs, ensure_ascii=False).encode(), "faq.json", eval_fraction=0.1, seed=3)
         for r in range(args.rounds):
-            rate, steps = service_steps_per_second(stub, ds.dataset_id, f"bench-{r}", args.epochs, args.batch_size,
-                                                   args.rank, lr, max_length, seed)
+            rate, steps = service_steps_per_second(
+                stub, ds.dataset_id, f"bench-{r}", args.epochs, args.batch_size, args.rank, lr, max_length, seed
+            )
             service.append(rate)
             train_pairs = pairs[: ds.train_examples]
-            plain.append(plain_steps_per_second(cfg.llm_path, train_pairs, steps, args.batch_size, args.rank, lr,
-                                                max_length, seed))
+            plain.append(
+                plain_steps_per_second(
+                    cfg.llm_path, train_pairs, steps, args.batch_size, args.rank, lr, max_length, seed
+                )
+            )
             print(f"round {r + 1}: {steps} steps, plain {plain[-1]:.1f} steps/s, service {service[-1]:.1f} steps/s")
     p, s = statistics.median(plain), statistics.median(service)
-    print(f"\n{'path':<10} {'steps/s (median)':>18}\n{'plain':<10} {p:>18.1f}\n{'service':<10} {s:>18.1f}\n"
-          f"\nservice / plain: {s / p:.2f} (goal >= 0.9)")
-    (OUT / "train.json").write_text(json.dumps({"plain": plain, "service": service, "ratio": s / p,
-                                                "steps": steps, "epochs": args.epochs}, indent=2))
+    print(
+        f"\n{'path':<10} {'steps/s (median)':>18}\n{'plain':<10} {p:>18.1f}\n{'service':<10} {s:>18.1f}\n"
+        f"\nservice / plain: {s / p:.2f} (goal >= 0.9)"
+    )
+    (OUT / "train.json").write_text(
+        json.dumps(
+            {"plain": plain, "service": service, "ratio": s / p, "steps": steps, "epochs": args.epochs}, indent=2
+        )
+    )
     print(f"wrote {OUT / 'train.json'}")
 
 

@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import grpc
 import pytest
 
 from llmesh.client import local_channel
-from llmesh.runtime.config import MeshConfig, load_config
-from llmesh.sandbox import free_ports, make_random_adapter, write_config
+from llmesh.config import MeshConfig, load_config
+from tests.support.sandbox import free_ports, make_random_adapter, write_config
 
 TEST_ADAPTER = "test-lora"
 # Small bounds so expiry and trimming are observable within a test.
@@ -39,9 +39,11 @@ class Mesh:
 
     def security(self):  # type: ignore[no-untyped-def]
         """A stub straight to the security service, as the host's operator."""
-        from llmesh.security.v1 import security_pb2_grpc
+        from llmesh.pb.security.v1 import security_pb2_grpc
 
-        return security_pb2_grpc.SecurityStub(local_channel(f"127.0.0.1:{self.cfg.security.server.port}", self.cfg.home))
+        return security_pb2_grpc.SecurityStub(
+            local_channel(f"127.0.0.1:{self.cfg.security.server.port}", self.cfg.home)
+        )
 
     def pid(self, name: str) -> int:
         return next(p["pid"] for p in self.state()["processes"] if p["name"] == name)
@@ -50,7 +52,7 @@ class Mesh:
 @pytest.fixture(scope="session")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     from llmesh.launcher import control
-    from llmesh.models.demo import init_models
+    from llmesh.demo.models import init_models
 
     for k in [k for k in os.environ if k.startswith("LLMESH")]:
         del os.environ[k]  # the test mesh is configured only by its own file
@@ -80,6 +82,6 @@ def channel(mesh: Mesh) -> Iterator[grpc.Channel]:
 
 @pytest.fixture(scope="session")
 def stub(channel: grpc.Channel):  # type: ignore[no-untyped-def]
-    from llmesh.inference.v1 import inference_pb2_grpc
+    from llmesh.pb.inference.v1 import inference_pb2_grpc
 
     return inference_pb2_grpc.InferenceStub(channel)

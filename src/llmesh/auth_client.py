@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import grpc
 
 from llmesh.auth.signature import sign
 from llmesh.client import MetadataInterceptor
+from llmesh.pb.security.v1 import security_pb2, security_pb2_grpc
 from llmesh.runtime.channels import channel_options
-from llmesh.security.v1 import security_pb2, security_pb2_grpc
 
 
 @dataclass(frozen=True)
@@ -69,23 +69,29 @@ class SigningInterceptor(MetadataInterceptor):
         return md + sign(self.key.secret.encode(), method, body, key_id=self.key.key_id)
 
 
-def issue_token_fetcher(channel: grpc.Channel, key: ApiKey, *, scopes: list[str] | None = None,
-                        ttl_s: int = 0, timeout_s: float = 10.0) -> Callable[[], tuple[str, float]]:
+def issue_token_fetcher(
+    channel: grpc.Channel, key: ApiKey, *, scopes: list[str] | None = None, ttl_s: int = 0, timeout_s: float = 10.0
+) -> Callable[[], tuple[str, float]]:
     """A ``TokenSource`` fetch that exchanges the API key for a JWT with
     ``Security/IssueToken`` on ``channel`` (the gateway: the method is anonymous there,
     its body carries the key's secret)."""
     stub = security_pb2_grpc.SecurityStub(channel)
 
     def fetch() -> tuple[str, float]:
-        r = stub.IssueToken(security_pb2.IssueTokenRequest(
-            key_id=key.key_id, secret=key.secret, scopes=scopes or [], ttl_seconds=ttl_s), timeout=timeout_s)
+        r = stub.IssueToken(
+            security_pb2.IssueTokenRequest(
+                key_id=key.key_id, secret=key.secret, scopes=scopes or [], ttl_seconds=ttl_s
+            ),
+            timeout=timeout_s,
+        )
         return r.token, float(r.expires_at.seconds)
 
     return fetch
 
 
-def gateway_channel(address: str, key: ApiKey, *, scopes: list[str] | None = None, ttl_s: int = 0,
-                    refresh_margin_s: float = 30.0) -> grpc.Channel:
+def gateway_channel(
+    address: str, key: ApiKey, *, scopes: list[str] | None = None, ttl_s: int = 0, refresh_margin_s: float = 30.0
+) -> grpc.Channel:
     """A channel to the gateway on which every call carries a fresh JWT and an HMAC
     signature. The token is fetched on the first call and again ``refresh_margin_s``
     before it expires (at most half its lifetime), so long-running clients never

@@ -9,24 +9,29 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import grpc
 import typer
 
 from llmesh import cli_trainer
 from llmesh.cli_common import ConfigOpt, _config, _fail, console, err
-from llmesh.runtime.config import MeshConfig
+from llmesh.config import MeshConfig
 
-app = typer.Typer(help="llmesh: serve, adapt and safely expose large models over gRPC.", no_args_is_help=True,
-                  pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="llmesh: serve, adapt and safely expose large models over gRPC.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 models_app = typer.Typer(help="Demo models under LLMESH_HOME/models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 audit_app = typer.Typer(help="The tamper-evident audit log (security service).", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
 keys_app = typer.Typer(help="API keys (operators; talks to the security service on loopback).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
-AddressOpt = Annotated[Optional[str], typer.Option("--address", help="host:port of the inference API (default: from config).")]
+AddressOpt = Annotated[
+    str | None, typer.Option("--address", help="host:port of the inference API (default: from config).")
+]
 
 
 def _address(cfg: MeshConfig, address: str | None) -> str:
@@ -34,9 +39,11 @@ def _address(cfg: MeshConfig, address: str | None) -> str:
 
 
 @models_app.command("init")
-def models_init(config: ConfigOpt = None, force: Annotated[bool, typer.Option(help="Rebuild even if present.")] = False) -> None:
+def models_init(
+    config: ConfigOpt = None, force: Annotated[bool, typer.Option(help="Rebuild even if present.")] = False
+) -> None:
     """Build the tiny demo models (Qwen2-style LM, CLIP) deterministically, offline."""
-    from llmesh.models.demo import init_models
+    from llmesh.demo.models import init_models
 
     cfg = _config(config)
     for name, path in init_models(cfg.home, force=force).items():
@@ -44,7 +51,9 @@ def models_init(config: ConfigOpt = None, force: Annotated[bool, typer.Option(he
 
 
 @app.command()
-def up(config: ConfigOpt = None, timeout: Annotated[float, typer.Option(help="Seconds to wait for health.")] = 300) -> None:
+def up(
+    config: ConfigOpt = None, timeout: Annotated[float, typer.Option(help="Seconds to wait for health.")] = 300
+) -> None:
     """Start Redis, tritonserver and every service on 127.0.0.1, supervised; wait for health."""
     from llmesh.launcher import control
 
@@ -74,10 +83,14 @@ def status(config: ConfigOpt = None) -> None:
 
 
 @app.command()
-def logs(name: Annotated[Optional[str], typer.Argument(help="Process name (redis, tritonserver, inference, supervisor); all if omitted.")] = None,
-         lines: Annotated[int, typer.Option("-n", help="Lines to show.")] = 50,
-         follow: Annotated[bool, typer.Option("-f", "--follow", help="Keep printing new lines.")] = False,
-         config: ConfigOpt = None) -> None:
+def logs(
+    name: Annotated[
+        str | None, typer.Argument(help="Process name (redis, tritonserver, inference, supervisor); all if omitted.")
+    ] = None,
+    lines: Annotated[int, typer.Option("-n", help="Lines to show.")] = 50,
+    follow: Annotated[bool, typer.Option("-f", "--follow", help="Keep printing new lines.")] = False,
+    config: ConfigOpt = None,
+) -> None:
     """Show the logs of the mesh's processes."""
     from llmesh.launcher import control
 
@@ -89,7 +102,7 @@ def logs(name: Annotated[Optional[str], typer.Argument(help="Process name (redis
 
 
 def _finish(value: int) -> str:
-    from llmesh.common.v1 import types_pb2
+    from llmesh.pb.common.v1 import types_pb2
 
     return types_pb2.FinishReason.Name(value).removeprefix("FINISH_REASON_").lower()
 
@@ -106,27 +119,29 @@ def _parse_vars(pairs: list[str]) -> dict[str, str]:
 
 @app.command()
 def generate(
-    prompt: Annotated[Optional[str], typer.Argument(help="Prompt text (omit with --template).")] = None,
+    prompt: Annotated[str | None, typer.Argument(help="Prompt text (omit with --template).")] = None,
     stream: Annotated[bool, typer.Option("--stream", help="Print tokens as they arrive.")] = False,
     adapter: Annotated[str, typer.Option(help="LoRA adapter name (name or name@version).")] = "",
-    template: Annotated[Optional[str], typer.Option(help="Template name (see `llmesh templates`).")] = None,
+    template: Annotated[str | None, typer.Option(help="Template name (see `llmesh templates`).")] = None,
     var: Annotated[list[str], typer.Option("--var", help="Template variable name=value (repeatable).")] = [],
-    max_tokens: Annotated[Optional[int], typer.Option()] = None,
-    temperature: Annotated[Optional[float], typer.Option()] = None,
-    top_p: Annotated[Optional[float], typer.Option()] = None,
-    top_k: Annotated[Optional[int], typer.Option()] = None,
-    seed: Annotated[Optional[int], typer.Option()] = None,
+    max_tokens: Annotated[int | None, typer.Option()] = None,
+    temperature: Annotated[float | None, typer.Option()] = None,
+    top_p: Annotated[float | None, typer.Option()] = None,
+    top_k: Annotated[int | None, typer.Option()] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
     stop: Annotated[list[str], typer.Option("--stop", help="Stop sequence (repeatable).")] = [],
     address: AddressOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Generate text from a prompt or a template."""
     from llmesh.client import InferenceClient, sampling
-    from llmesh.inference.v1 import inference_pb2 as pb
+    from llmesh.pb.inference.v1 import inference_pb2 as pb
 
     s = sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop)
     if template:
-        req = pb.GenerateRequest(template=pb.TemplateInput(name=template, variables=_parse_vars(var)), sampling=s, adapter=adapter)
+        req = pb.GenerateRequest(
+            template=pb.TemplateInput(name=template, variables=_parse_vars(var)), sampling=s, adapter=adapter
+        )
     else:
         req = pb.GenerateRequest(prompt=prompt or "", sampling=s, adapter=adapter)
     cfg = _config(config)
@@ -141,13 +156,17 @@ def generate(
             print()
             if last is not None:
                 u = last.usage
-                err.print(f"[dim]finish={_finish(last.finish_reason)} "
-                          f"prompt_tokens={u.prompt_tokens} completion_tokens={u.completion_tokens}[/dim]")
+                err.print(
+                    f"[dim]finish={_finish(last.finish_reason)} "
+                    f"prompt_tokens={u.prompt_tokens} completion_tokens={u.completion_tokens}[/dim]"
+                )
         else:
             r = client.generate(req)
             print(r.text)
-            err.print(f"[dim]finish={_finish(r.finish_reason)} prompt_tokens={r.usage.prompt_tokens} "
-                      f"completion_tokens={r.usage.completion_tokens}[/dim]")
+            err.print(
+                f"[dim]finish={_finish(r.finish_reason)} prompt_tokens={r.usage.prompt_tokens} "
+                f"completion_tokens={r.usage.completion_tokens}[/dim]"
+            )
     except grpc.RpcError as e:
         _fail(e)
     finally:
@@ -156,10 +175,15 @@ def generate(
 
 def _chat_turn(client, conversation_id: str, message: str, adapter: str, system: str, max_tokens: int | None) -> str:  # type: ignore[no-untyped-def]
     from llmesh.client import sampling
-    from llmesh.inference.v1 import inference_pb2 as pb
+    from llmesh.pb.inference.v1 import inference_pb2 as pb
 
-    req = pb.ChatRequest(conversation_id=conversation_id, message=message, adapter=adapter, system_prompt=system,
-                         sampling=sampling(max_tokens=max_tokens))
+    req = pb.ChatRequest(
+        conversation_id=conversation_id,
+        message=message,
+        adapter=adapter,
+        system_prompt=system,
+        sampling=sampling(max_tokens=max_tokens),
+    )
     cid = conversation_id
     for msg in client.chat_stream(req):
         cid = msg.conversation_id
@@ -167,18 +191,20 @@ def _chat_turn(client, conversation_id: str, message: str, adapter: str, system:
         sys.stdout.flush()
         if msg.finish_reason:
             print()
-            err.print(f"[dim]conversation={cid} history={msg.history_length} "
-                      f"tokens={msg.usage.prompt_tokens}+{msg.usage.completion_tokens}[/dim]")
+            err.print(
+                f"[dim]conversation={cid} history={msg.history_length} "
+                f"tokens={msg.usage.prompt_tokens}+{msg.usage.completion_tokens}[/dim]"
+            )
     return cid
 
 
 @app.command()
 def chat(
-    message: Annotated[Optional[str], typer.Argument(help="One message; omit for an interactive session.")] = None,
+    message: Annotated[str | None, typer.Argument(help="One message; omit for an interactive session.")] = None,
     conversation: Annotated[str, typer.Option("--conversation", help="Conversation id to continue.")] = "",
     system: Annotated[str, typer.Option(help="System prompt for this conversation.")] = "",
     adapter: Annotated[str, typer.Option(help="LoRA adapter name.")] = "",
-    max_tokens: Annotated[Optional[int], typer.Option()] = None,
+    max_tokens: Annotated[int | None, typer.Option()] = None,
     address: AddressOpt = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -215,7 +241,7 @@ def templates(address: AddressOpt = None, config: ConfigOpt = None) -> None:
     from rich.table import Table
 
     from llmesh.client import InferenceClient
-    from llmesh.inference.v1 import inference_pb2 as pb
+    from llmesh.pb.inference.v1 import inference_pb2 as pb
 
     cfg = _config(config)
     client = InferenceClient(_address(cfg, address), cfg.home)
@@ -230,10 +256,12 @@ def templates(address: AddressOpt = None, config: ConfigOpt = None) -> None:
 
 
 @app.command()
-def demo(config: ConfigOpt = None, timeout: Annotated[float, typer.Option(help="Seconds to wait for health.")] = 300) -> None:
+def demo(
+    config: ConfigOpt = None, timeout: Annotated[float, typer.Option(help="Seconds to wait for health.")] = 300
+) -> None:
     """The main job: bring the mesh up, show a streamed generation, a templated
     prompt and a chat turn, and leave the mesh running."""
-    from llmesh.demo import run_demo
+    from llmesh.demo.job import run_demo
 
     raise typer.Exit(run_demo(_config(config), config, timeout))
 
@@ -241,7 +269,7 @@ def demo(config: ConfigOpt = None, timeout: Annotated[float, typer.Option(help="
 def _security(config: Path | None, rpc: str, request: object, timeout: float = 10):  # type: ignore[no-untyped-def]
     """One call to the security service on this host; a failure exits with its status."""
     from llmesh.client import local_channel
-    from llmesh.security.v1 import security_pb2_grpc
+    from llmesh.pb.security.v1 import security_pb2_grpc
 
     cfg = _config(config)
     s = cfg.security.server
@@ -262,7 +290,7 @@ def keys_create(
     config: ConfigOpt = None,
 ) -> None:
     """Create an API key; the secret is printed once."""
-    from llmesh.security.v1 import security_pb2 as spb
+    from llmesh.pb.security.v1 import security_pb2 as spb
 
     request = spb.CreateApiKeyRequest(owner=owner, tenant=tenant, scopes=scope, roles=role, ttl_days=ttl_days)
     r = _security(config, "CreateApiKey", request)
@@ -272,11 +300,13 @@ def keys_create(
 
 
 @keys_app.command("list")
-def keys_list(owner: Annotated[str, typer.Option(help="Only this owner's keys.")] = "", config: ConfigOpt = None) -> None:
+def keys_list(
+    owner: Annotated[str, typer.Option(help="Only this owner's keys.")] = "", config: ConfigOpt = None
+) -> None:
     """List API keys (never their secrets)."""
     from rich.table import Column, Table
 
-    from llmesh.security.v1 import security_pb2 as spb
+    from llmesh.pb.security.v1 import security_pb2 as spb
 
     r = _security(config, "ListApiKeys", spb.ListApiKeysRequest(owner=owner))
     table = Table("owner", "tenant", "scopes", "roles", "revoked")
@@ -289,7 +319,7 @@ def keys_list(owner: Annotated[str, typer.Option(help="Only this owner's keys.")
 @keys_app.command("revoke")
 def keys_revoke(key_id: str, config: ConfigOpt = None) -> None:
     """Revoke an API key (the gateway refuses it within its 30 s secret cache)."""
-    from llmesh.security.v1 import security_pb2 as spb
+    from llmesh.pb.security.v1 import security_pb2 as spb
 
     _security(config, "RevokeApiKey", spb.RevokeApiKeyRequest(key_id=key_id))
     print(f"revoked {key_id}")
@@ -298,7 +328,7 @@ def keys_revoke(key_id: str, config: ConfigOpt = None) -> None:
 @audit_app.command("verify")
 def audit_verify(config: ConfigOpt = None) -> None:
     """Recompute the audit hash chain; exit 1 and name the first bad record if it was tampered with."""
-    from llmesh.security.v1 import security_pb2 as spb
+    from llmesh.pb.security.v1 import security_pb2 as spb
 
     r = _security(config, "VerifyAuditChain", spb.VerifyAuditChainRequest(), timeout=60)
     if r.intact:
@@ -316,7 +346,7 @@ def audit_query(
     config: ConfigOpt = None,
 ) -> None:
     """Show audit records (masked summaries only: the log never holds raw PII)."""
-    from llmesh.security.v1 import security_pb2 as spb
+    from llmesh.pb.security.v1 import security_pb2 as spb
 
     r = _security(config, "QueryAudit", spb.QueryAuditRequest(actor=actor, action=action, limit=limit), timeout=30)
     for rec in r.records:
@@ -332,7 +362,7 @@ def token(
     config: ConfigOpt = None,
 ) -> None:
     """Exchange an API key for a short-lived JWT (printed on stdout)."""
-    from llmesh.security.v1 import security_pb2 as spb
+    from llmesh.pb.security.v1 import security_pb2 as spb
 
     r = _security(config, "IssueToken", spb.IssueTokenRequest(key_id=key_id, secret=secret, scopes=scope))
     print(r.token)
@@ -364,8 +394,9 @@ def compliance_report(
         print(json.dumps({"checks": [c.to_dict() for c in checks], "counts": counts}, ensure_ascii=False, indent=1))
     else:
         # fold, not ellipsis: a long field name or address must stay readable in full.
-        table = Table("check", "status", Column("evidence", overflow="fold"), title="llmesh compliance report",
-                      show_lines=True)
+        table = Table(
+            "check", "status", Column("evidence", overflow="fold"), title="llmesh compliance report", show_lines=True
+        )
         for c in checks:
             # Evidence holds "[::1]:port" and "upstreams[...]": literal text, not markup.
             table.add_row(c.title, f"[{_STATUS_STYLE[c.status]}]{c.status}[/]", escape("\n".join(c.evidence)))

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import grpc
 import typer
 from rich.console import Console
 
-from llmesh.runtime.config import ConfigError, MeshConfig, load_config
+from llmesh.config import ConfigError, MeshConfig, load_config
 
 console = Console()
 err = Console(stderr=True)
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (default: LLMESH_CONFIG or the bundled default).")]
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="YAML config (default: LLMESH_CONFIG or the bundled default).")
+]
 
 
 def _config(path: Path | None) -> MeshConfig:

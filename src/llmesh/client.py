@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from llmesh.common.v1 import types_pb2
-from llmesh.inference.v1 import inference_pb2 as pb
-from llmesh.inference.v1 import inference_pb2_grpc as pb_grpc
+from llmesh.pb.common.v1 import types_pb2
+from llmesh.pb.inference.v1 import inference_pb2 as pb
+from llmesh.pb.inference.v1 import inference_pb2_grpc as pb_grpc
 from llmesh.runtime.channels import channel_options
 from llmesh.runtime.identity import IDENTITY_KEY, InternalIdentity, Principal, load_secret
 
@@ -54,11 +55,23 @@ def describe_error(err: grpc.RpcError) -> RpcFailure:
     return RpcFailure(code, message or "", field, retry)
 
 
-def sampling(*, max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
-             top_k: int | None = None, seed: int | None = None, stop: list[str] | None = None) -> types_pb2.SamplingParams:
+def sampling(
+    *,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    seed: int | None = None,
+    stop: list[str] | None = None,
+) -> types_pb2.SamplingParams:
     s = types_pb2.SamplingParams(stop=stop or [])
-    for name, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p),
-                        ("top_k", top_k), ("seed", seed)):
+    for name, value in (
+        ("max_tokens", max_tokens),
+        ("temperature", temperature),
+        ("top_p", top_p),
+        ("top_k", top_k),
+        ("seed", seed),
+    ):
         if value is not None:
             setattr(s, name, value)
     return s
@@ -72,8 +85,12 @@ class _Details(grpc.ClientCallDetails):
         self.metadata = metadata
 
 
-class MetadataInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                          grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+class MetadataInterceptor(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
     """Adds per-call metadata to every RPC shape. Subclasses implement ``extra`` from the
     method and the serialized first request (``needs_body``: a client stream's first
     message is read before the call starts)."""

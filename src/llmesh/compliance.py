@@ -27,21 +27,23 @@ import redis
 from google.protobuf.descriptor import Descriptor, MethodDescriptor, ServiceDescriptor
 
 from llmesh.client import describe_error, local_channel
-from llmesh.common.v1 import options_pb2
-from llmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from llmesh.launcher.health import DOWN, probe_grpc
 from llmesh.launcher.processes import is_alive, read_state
-from llmesh.runtime.config import MeshConfig, SecuritySettings, ServerSettings
+from llmesh.pb.common.v1 import options_pb2
+from llmesh.pb.inference.v1 import inference_pb2, inference_pb2_grpc
+from llmesh.pb.security.v1 import security_pb2, security_pb2_grpc
+from llmesh.config import MeshConfig
+from llmesh.runtime.config import ServerSettings
+from llmesh.services.security.settings import SecuritySettings
 from llmesh.runtime.identity import HS256_SECRET, INTERNAL_SECRET
-from llmesh.security.v1 import security_pb2, security_pb2_grpc
+from llmesh.runtime.sqlite import connect as connect_db  # the services' own read-only connection
 from llmesh.services.gateway.fields import has_pii, mask_message
 from llmesh.services.gateway.masking import DEFAULT_OPERATORS, Masker, Vault
 from llmesh.services.gateway.routes import PUBLIC_SERVICES, service_descriptor
-from llmesh.services.inference.server import InferenceServicer
+from llmesh.services.inference.servicer import InferenceServicer
 from llmesh.services.security import apikeys, tokens
 from llmesh.services.security.keyring import DecryptError, StoredCiphertexts, parse_header, version_name
-from llmesh.services.security.server import SecurityServicer
-from llmesh.runtime.sqlite import connect as connect_db  # the services' own read-only connection
+from llmesh.services.security.servicer import SecurityServicer
 
 Status = Literal["pass", "warn", "fail"]
 Finding = tuple[Status, str]
@@ -124,14 +126,22 @@ def server_address(s: ServerSettings) -> str:
 
 def bind_hosts(cfg: MeshConfig) -> dict[str, str]:
     """Every listen host the config sets (tritonserver has no setting: see live sockets)."""
-    return {"inference.server.host": cfg.inference.server.host, "security.server.host": cfg.security.server.host,
-            "gateway.server.host": cfg.gateway.server.host, "redis.host": cfg.redis.host}
+    return {
+        "inference.server.host": cfg.inference.server.host,
+        "security.server.host": cfg.security.server.host,
+        "gateway.server.host": cfg.gateway.server.host,
+        "redis.host": cfg.redis.host,
+    }
 
 
 def peer_addresses(cfg: MeshConfig) -> dict[str, str]:
     """Every address a service dials: plaintext gRPC/RESP, so each must stay on the host."""
-    peers = {"inference.peers.triton": cfg.inference.peers.triton, "inference.peers.redis": cfg.inference.peers.redis,
-             "gateway.peers.security": cfg.gateway.peers.security, "gateway.peers.redis": cfg.gateway.peers.redis}
+    peers = {
+        "inference.peers.triton": cfg.inference.peers.triton,
+        "inference.peers.redis": cfg.inference.peers.redis,
+        "gateway.peers.security": cfg.gateway.peers.security,
+        "gateway.peers.redis": cfg.gateway.peers.redis,
+    }
     return peers | {f"gateway.upstreams[{name}]": addr for name, addr in cfg.gateway.upstreams.items()}
 
 
@@ -182,8 +192,7 @@ def plaintext_secret_columns(conn: sqlite3.Connection) -> list[str]:
     encrypt: where a plaintext secret would be."""
     encrypted = {(s.table, s.ct_column) for s in _stored_ciphertexts()}
     words = ("secret", "private", "password", "passwd", "token")
-    return [f"{t}.{c}" for t, c in _columns(conn)
-            if any(w in c.lower() for w in words) and (t, c) not in encrypted]
+    return [f"{t}.{c}" for t, c in _columns(conn) if any(w in c.lower() for w in words) and (t, c) not in encrypted]
 
 
 def ciphertext_findings(conn: sqlite3.Connection) -> list[Finding]:
@@ -206,11 +215,18 @@ def ciphertext_findings(conn: sqlite3.Connection) -> list[Finding]:
                 bad.append(f"{r['k']} ({e})")
         column = f"{s.table}.{s.ct_column}"
         if bad:
-            out.append(("fail", f"{column}: {len(bad)} of {len(rows)} value(s) are not AES-256-GCM keyring "
-                                f"ciphertexts: {', '.join(bad[:3])}"))
+            out.append(
+                (
+                    "fail",
+                    f"{column}: {len(bad)} of {len(rows)} value(s) are not AES-256-GCM keyring "
+                    f"ciphertexts: {', '.join(bad[:3])}",
+                )
+            )
         else:
             keys = ", ".join(sorted(used)) or "none used yet"
-            out.append(("pass", f"{column}: {len(rows)} value(s), all AES-256-GCM keyring ciphertexts (data keys: {keys})"))
+            out.append(
+                ("pass", f"{column}: {len(rows)} value(s), all AES-256-GCM keyring ciphertexts (data keys: {keys})")
+            )
     return out
 
 
@@ -221,8 +237,11 @@ def db_exposure_findings(folder: Path) -> list[Finding]:
         return []
     db = folder / "security.db"
     readable = db.is_file() and _mode(db) & 0o077
-    what = (f"and {db.name} has mode {_mode(db):04o}: key metadata and audit records are readable by other users"
-            if readable else "other users can enter it")
+    what = (
+        f"and {db.name} has mode {_mode(db):04o}: key metadata and audit records are readable by other users"
+        if readable
+        else "other users can enter it"
+    )
     # The service asks for 0700, but whichever process creates the folder first wins.
     return [("warn", f"{folder} has mode {_mode(folder):04o} {what}")]
 
@@ -257,8 +276,9 @@ def security_store_findings(cfg: MeshConfig) -> list[Finding]:
 # ---------------------------------------------------------------- Redis
 def redis_config(url: str, *params: str) -> dict[str, str]:
     """``CONFIG GET`` of each parameter on the live Redis (raises ``redis.RedisError``)."""
-    client = redis.Redis.from_url(url, socket_timeout=PROBE_TIMEOUT_S, socket_connect_timeout=PROBE_TIMEOUT_S,
-                                  decode_responses=True)
+    client = redis.Redis.from_url(
+        url, socket_timeout=PROBE_TIMEOUT_S, socket_connect_timeout=PROBE_TIMEOUT_S, decode_responses=True
+    )
     try:
         out: dict[str, str] = {}
         for p in params:
@@ -290,8 +310,10 @@ def redis_auth_finding(url: str) -> Finding:
         return "fail", f"{where} unreachable or CONFIG refused: {e}"
     if conf.get("requirepass"):
         return "pass", f"{where}: password required (CONFIG GET requirepass is set)"
-    return "warn", (f"{where}: no password (CONFIG GET requirepass is empty): any local user can read or "
-                    "change chat memory, bypassing the internal identity")
+    return "warn", (
+        f"{where}: no password (CONFIG GET requirepass is empty): any local user can read or "
+        "change chat memory, bypassing the internal identity"
+    )
 
 
 # ---------------------------------------------------------------- live processes
@@ -308,8 +330,11 @@ def listening_sockets(cfg: MeshConfig) -> list[tuple[str, str, int]] | None:
         try:
             proc = psutil.Process(pid)
             for p in (proc, *proc.children(recursive=True)):
-                out += [(str(rec["name"]), c.laddr.ip, c.laddr.port)
-                        for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+                out += [
+                    (str(rec["name"]), c.laddr.ip, c.laddr.port)
+                    for c in p.net_connections(kind="inet")
+                    if c.status == psutil.CONN_LISTEN
+                ]
         except psutil.Error:
             continue  # exited meanwhile
     return out if alive else None
@@ -406,8 +431,10 @@ def implementation_finding(svc: ServiceDescriptor, method: str, servicer: type, 
         return "fail", f"{svc.full_name}/{method} does not exist: {purpose} is impossible"
     p = method_policy(m)
     in_code = _overrides(servicer, base, method)
-    seen = f"{svc.name}/{method}: method_policy implemented={str(p.implemented).lower()}, scope {p.scope!r}, " \
-           f"{servicer.__name__} {'overrides' if in_code else 'does not override'} it"
+    seen = (
+        f"{svc.name}/{method}: method_policy implemented={str(p.implemented).lower()}, scope {p.scope!r}, "
+        f"{servicer.__name__} {'overrides' if in_code else 'does not override'} it"
+    )
     return ("pass" if p.implemented and in_code else "fail"), f"{seen} ({purpose})"
 
 
@@ -426,12 +453,20 @@ def transit_config_findings(cfg: MeshConfig) -> list[Finding]:
             out.append(("fail", f"{key}={host} is not loopback and TLS is not implemented: traffic in clear"))
     peers = peer_addresses(cfg)
     remote = {k: a for k, a in peers.items() if not is_loopback(host_of(a))}
-    out += [("fail", f"{k}={display_url(a)} leaves the host in clear (TLS is not implemented)") for k, a in remote.items()]
+    out += [
+        ("fail", f"{k}={display_url(a)} leaves the host in clear (TLS is not implemented)") for k, a in remote.items()
+    ]
     if not remote:
         out.append(("pass", f"all {len(peers)} peer/upstream addresses are loopback"))
     tls = tls_settings()
-    out.append(("pass", f"TLS settings: {', '.join(tls)}" if tls else "loopback only; TLS not configured "
-                "(ServerSettings has no TLS fields)"))
+    out.append(
+        (
+            "pass",
+            f"TLS settings: {', '.join(tls)}"
+            if tls
+            else "loopback only; TLS not configured (ServerSettings has no TLS fields)",
+        )
+    )
     return out
 
 
@@ -450,18 +485,28 @@ def live_socket_findings(cfg: MeshConfig) -> list[Finding]:
 
 
 def encryption_in_transit(cfg: MeshConfig) -> Check:
-    return make_check("encryption_in_transit", "Encryption in transit",
-                      [*transit_config_findings(cfg), *live_socket_findings(cfg)])
+    return make_check(
+        "encryption_in_transit", "Encryption in transit", [*transit_config_findings(cfg), *live_socket_findings(cfg)]
+    )
 
 
 def policy_findings(services: list[ServiceDescriptor]) -> list[Finding]:
     c = count_policies(services)
-    out: list[Finding] = [("pass", f"method_policy in {len(services)} services: {c.total} methods, {c.scoped} need a "
-                                   f"scope/role, {len(c.anonymous)} anonymous ({', '.join(c.anonymous) or 'none'}), "
-                                   f"{c.implemented} implemented")]
+    out: list[Finding] = [
+        (
+            "pass",
+            f"method_policy in {len(services)} services: {c.total} methods, {c.scoped} need a "
+            f"scope/role, {len(c.anonymous)} anonymous ({', '.join(c.anonymous) or 'none'}), "
+            f"{c.implemented} implemented",
+        )
+    ]
     if c.unguarded:
-        out.append(("warn", f"{len(c.unguarded)} method(s) with no scope, role or anonymous flag: "
-                            f"{', '.join(c.unguarded[:5])}"))
+        out.append(
+            (
+                "warn",
+                f"{len(c.unguarded)} method(s) with no scope, role or anonymous flag: {', '.join(c.unguarded[:5])}",
+            )
+        )
     return out
 
 
@@ -470,16 +515,21 @@ def token_signing_findings(cfg: MeshConfig) -> list[Finding]:
     seen = f"security.signing_algorithm={alg}, gateway.jwt_algorithms={','.join(accepted)}"
     if alg != "HS256" and "HS256" not in accepted:
         return [("pass", f"{seen}: tokens are checked against the security service's published keys (JWKS)")]
-    return [("warn", f"{seen}: HS256 development mode, tokens signed with a secret the gateway shares"),
-            private_file(security_dir(cfg) / HS256_SECRET, "HS256 token secret")]
+    return [
+        ("warn", f"{seen}: HS256 development mode, tokens signed with a secret the gateway shares"),
+        private_file(security_dir(cfg) / HS256_SECRET, "HS256 token secret"),
+    ]
 
 
 def access_control(cfg: MeshConfig) -> Check:
     gw = cfg.gateway
     findings: list[Finding] = [
         ("pass", "gateway.require_signature=true: every authenticated call carries an HMAC signature")
-        if gw.require_signature else
-        ("warn", "gateway.require_signature=false: a stolen JWT is enough (no request signature, no replay check)"),
+        if gw.require_signature
+        else (
+            "warn",
+            "gateway.require_signature=false: a stolen JWT is enough (no request signature, no replay check)",
+        ),
         *token_signing_findings(cfg),
         private_file(security_dir(cfg) / INTERNAL_SECRET, "internal identity key"),
         unauthenticated_probe("inference service", server_address(cfg.inference.server), PROBE_METHODS[INFERENCE]),
@@ -523,8 +573,10 @@ def audit_spool_finding(cfg: MeshConfig) -> Finding:
     files = sorted(folder.glob("*.pb")) if folder.is_dir() else []
     if not files:
         return "pass", f"no audit batches waiting in the gateway spool ({folder})"
-    return "warn", (f"{len(files)} audit batch file(s) in {folder} are not yet in the hash chain: they can be "
-                    "altered or deleted undetected until a gateway starts and delivers them")
+    return "warn", (
+        f"{len(files)} audit batch file(s) in {folder} are not yet in the hash chain: they can be "
+        "altered or deleted undetected until a gateway starts and delivers them"
+    )
 
 
 def audit_log(cfg: MeshConfig) -> Check:
@@ -552,15 +604,23 @@ def pii_masking(cfg: MeshConfig) -> Check:
     masked_methods = [f"{s.name}/{m.name}" for s in routed for m in s.methods if has_pii(m.input_type)]
     pii = fields["pii"]
     if cfg.gateway.masking:
-        ops = ", ".join(f"{k}={v}" for k, v in sorted(cfg.gateway.masking.items())) + " (gateway.masking; others default)"
+        ops = (
+            ", ".join(f"{k}={v}" for k, v in sorted(cfg.gateway.masking.items())) + " (gateway.masking; others default)"
+        )
     else:
         ops = ", ".join(f"{k}={v.value}" for k, v in DEFAULT_OPERATORS.items()) + " (defaults from masking.py)"
     findings: list[Finding] = [
-        ("pass" if pii else "warn", f"{len(pii)} field(s) marked field_policy PII in the contracts, {len(routed_pii)} "
-                                    f"in routed services, e.g. {', '.join((routed_pii or pii)[:4])}"),
+        (
+            "pass" if pii else "warn",
+            f"{len(pii)} field(s) marked field_policy PII in the contracts, {len(routed_pii)} "
+            f"in routed services, e.g. {', '.join((routed_pii or pii)[:4])}",
+        ),
         ("pass", f"{len(fields['secret'])} field(s) marked SECRET (never logged or audited in clear)"),
-        ("pass", f"{len(masked_methods)} routed method(s) have PII in their request, masked at the gateway "
-                 f"before forwarding: {', '.join(masked_methods[:6])}{' …' if len(masked_methods) > 6 else ''}"),
+        (
+            "pass",
+            f"{len(masked_methods)} routed method(s) have PII in their request, masked at the gateway "
+            f"before forwarding: {', '.join(masked_methods[:6])}{' …' if len(masked_methods) > 6 else ''}",
+        ),
         ("pass", f"operators: {ops}"),
         masking_self_test(cfg),
     ]
@@ -592,11 +652,12 @@ def retention(cfg: MeshConfig) -> Check:
     settings = retention_settings()
     findings: list[Finding] = [
         ("pass", f"inference.chat_ttl_seconds={ttl}: a conversation expires {ttl} s after its last turn (Redis TTL)")
-        if ttl > 0 else
-        ("warn", f"inference.chat_ttl_seconds={ttl}: Redis deletes the history at once (chat memory unusable)"),
+        if ttl > 0
+        else ("warn", f"inference.chat_ttl_seconds={ttl}: Redis deletes the history at once (chat memory unusable)"),
         ("pass", f"security.token_ttl_seconds={cfg.security.token_ttl_seconds}: access tokens live at most that long"),
-        ("pass", f"audit retention configured: {', '.join(settings)}") if settings else
-        ("warn", "audit log kept indefinitely: no retention/expiry setting in the security section"),
+        ("pass", f"audit retention configured: {', '.join(settings)}")
+        if settings
+        else ("warn", "audit log kept indefinitely: no retention/expiry setting in the security section"),
         audit_span_finding(cfg),
     ]
     return make_check("retention", "Data retention", findings)
@@ -607,21 +668,43 @@ def right_to_be_forgotten(cfg: MeshConfig) -> Check:
     ttl = cfg.inference.chat_ttl_seconds
     erasers = [m.name for m in security.methods if m.name.startswith(("Delete", "Purge", "Erase"))]
     findings: list[Finding] = [
-        implementation_finding(inference, "DeleteConversation", InferenceServicer, inference_pb2_grpc.InferenceServicer,
-                               "erase a conversation on request"),
-        implementation_finding(security, "RevokeApiKey", SecurityServicer, security_pb2_grpc.SecurityServicer,
-                               "revoke a subject's API keys"),
+        implementation_finding(
+            inference,
+            "DeleteConversation",
+            InferenceServicer,
+            inference_pb2_grpc.InferenceServicer,
+            "erase a conversation on request",
+        ),
+        implementation_finding(
+            security,
+            "RevokeApiKey",
+            SecurityServicer,
+            security_pb2_grpc.SecurityServicer,
+            "revoke a subject's API keys",
+        ),
         ("pass", f"conversation keys carry a TTL (inference.chat_ttl_seconds={ttl}): forgotten without a request")
-        if ttl > 0 else ("warn", f"inference.chat_ttl_seconds={ttl}: conversation keys carry no usable TTL"),
+        if ttl > 0
+        else ("warn", f"inference.chat_ttl_seconds={ttl}: conversation keys carry no usable TTL"),
     ]
     if not erasers:
-        findings.append(("warn", f"{security.name} has no Delete/Purge RPC: revoked API keys keep owner/tenant in "
-                                 "security.db, and audit records keep actor ids (append-only hash chain)"))
+        findings.append(
+            (
+                "warn",
+                f"{security.name} has no Delete/Purge RPC: revoked API keys keep owner/tenant in "
+                "security.db, and audit records keep actor ids (append-only hash chain)",
+            )
+        )
     return make_check("right_to_be_forgotten", "Right to be forgotten", findings)
 
 
 CHECKS: tuple[Callable[[MeshConfig], Check], ...] = (
-    encryption_at_rest, encryption_in_transit, access_control, audit_log, pii_masking, retention, right_to_be_forgotten,
+    encryption_at_rest,
+    encryption_in_transit,
+    access_control,
+    audit_log,
+    pii_masking,
+    retention,
+    right_to_be_forgotten,
 )
 
 
@@ -632,6 +715,8 @@ def run_checks(cfg: MeshConfig) -> list[Check]:
     for fn in CHECKS:
         try:
             out.append(fn(cfg))
-        except Exception as e:  # noqa: BLE001 - reported, not swallowed
-            out.append(Check(fn.__name__, fn.__name__.replace("_", " "), "fail", [f"check error: {type(e).__name__}: {e}"]))
+        except Exception as e:
+            out.append(
+                Check(fn.__name__, fn.__name__.replace("_", " "), "fail", [f"check error: {type(e).__name__}: {e}"])
+            )
     return out

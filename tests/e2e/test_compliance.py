@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from llmesh import compliance
 from llmesh.cli import app
-from llmesh.security.v1 import security_pb2 as spb
+from llmesh.pb.security.v1 import security_pb2 as spb
 from tests.conftest import Mesh
 
 
@@ -64,8 +64,9 @@ def test_redis_persistence_is_read_from_the_live_server(mesh: Mesh) -> None:
 
 
 def test_api_key_secrets_are_ciphertexts_in_the_live_database(mesh: Mesh) -> None:
-    created = mesh.security().CreateApiKey(spb.CreateApiKeyRequest(owner="compliance", scopes=["inference:read"]),
-                                           timeout=10)
+    created = mesh.security().CreateApiKey(
+        spb.CreateApiKeyRequest(owner="compliance", scopes=["inference:read"]), timeout=10
+    )
     check = _checks(mesh)["encryption_at_rest"]
     line = next(e for e in check["evidence"] if e.startswith("api_keys.secret_ct: "))
     assert "all AES-256-GCM keyring ciphertexts" in line and not line.startswith("api_keys.secret_ct: 0 ")
@@ -83,5 +84,11 @@ def test_live_sockets_are_loopback(mesh: Mesh) -> None:
 def test_table_output_and_exit_code(mesh: Mesh) -> None:
     code, out = _report(mesh)
     assert code == 0, out
-    for title in ("Encryption at rest", "Access control", "Tamper-evident audit log", "PII masking", "Right to be forgotten"):
+    for title in (
+        "Encryption at rest",
+        "Access control",
+        "Tamper-evident audit log",
+        "PII masking",
+        "Right to be forgotten",
+    ):
         assert title in out

@@ -7,13 +7,17 @@ import json
 import subprocess
 import sys
 
-from llmesh.models.demo import faq_pairs
+from llmesh.demo.models import faq_pairs
 from tests.conftest import Mesh
 
 
 def test_demo_goes_through_the_gateway_and_shows_the_masked_prompt(mesh: Mesh) -> None:
-    out = subprocess.run([sys.executable, "-m", "llmesh.cli", "demo", "--config", str(mesh.config_path)],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "llmesh.cli", "demo", "--config", str(mesh.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     text = out.stdout
     print(text)
@@ -32,6 +36,12 @@ def test_demo_goes_through_the_gateway_and_shows_the_masked_prompt(mesh: Mesh) -
     base = next(line for line in lines if line.strip().startswith("base model:"))
     assert answer[:40] in tuned and answer[:40] not in base
     # A second run reuses the stored key and the live adapter.
-    again = subprocess.run([sys.executable, "-m", "llmesh.cli", "demo", "--config", str(mesh.config_path)],
-                           capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and key["key_id"] in again.stdout and "already trained and live: faq@v1" in again.stdout
+    again = subprocess.run(
+        [sys.executable, "-m", "llmesh.cli", "demo", "--config", str(mesh.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert (
+        again.returncode == 0 and key["key_id"] in again.stdout and "already trained and live: faq@v1" in again.stdout
+    )

@@ -4,7 +4,7 @@ audited calls pass; every kind of forged or replayed call is refused."""
 from __future__ import annotations
 
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -14,11 +14,11 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from llmesh.auth.signature import sign
 from llmesh.auth_client import ApiKey, SigningInterceptor, TokenSource, gateway_channel
 from llmesh.client import local_channel, sampling
-from llmesh.inference.v1 import inference_pb2 as pb
-from llmesh.inference.v1 import inference_pb2_grpc as pb_grpc
+from llmesh.pb.inference.v1 import inference_pb2 as pb
+from llmesh.pb.inference.v1 import inference_pb2_grpc as pb_grpc
+from llmesh.pb.security.v1 import security_pb2 as spb
+from llmesh.pb.security.v1 import security_pb2_grpc as spb_grpc
 from llmesh.runtime.identity import Principal
-from llmesh.security.v1 import security_pb2 as spb
-from llmesh.security.v1 import security_pb2_grpc as spb_grpc
 from tests.conftest import Mesh
 
 GENERATE = "/llmesh.inference.v1.Inference/Generate"
@@ -52,12 +52,18 @@ def signed(gateway: grpc.Channel, creds: tuple[ApiKey, str]) -> pb_grpc.Inferenc
 
 
 def test_signed_calls_pass_in_every_shape(signed: pb_grpc.InferenceStub) -> None:
-    r, call = signed.Generate.with_call(pb.GenerateRequest(prompt="hello", sampling=sampling(max_tokens=4, seed=1)), timeout=30)
+    r, call = signed.Generate.with_call(
+        pb.GenerateRequest(prompt="hello", sampling=sampling(max_tokens=4, seed=1)), timeout=30
+    )
     ids = [v for k, v in call.trailing_metadata() if k == "x-request-id"]
     assert len(ids) == 1 and ids[0]  # one request id, the same at the gateway and the service
     assert r.usage.completion_tokens > 0
-    streamed = "".join(m.text_delta for m in signed.GenerateStream(
-        pb.GenerateRequest(prompt="hello", sampling=sampling(max_tokens=4, seed=1)), timeout=30))
+    streamed = "".join(
+        m.text_delta
+        for m in signed.GenerateStream(
+            pb.GenerateRequest(prompt="hello", sampling=sampling(max_tokens=4, seed=1)), timeout=30
+        )
+    )
     assert streamed == r.text
     turns = [pb.ChatRequest(message=m, sampling=sampling(max_tokens=3)) for m in ("hi", "again")]
     finals = [m for m in signed.Converse(iter(turns), timeout=30) if m.finish_reason]
@@ -89,7 +95,14 @@ def test_attacks_are_refused(mesh: Mesh, gateway: grpc.Channel, creds: tuple[Api
     unauth = grpc.StatusCode.UNAUTHENTICATED
     assert _raw(gateway, good, req) == unauth  # the same nonce again: replay
     assert _raw(gateway, [], req) == unauth  # no credentials
-    assert _raw(gateway, [("authorization", "Bearer not.a.jwt")] + sign(key.secret.encode(), GENERATE, body, key_id=key.key_id), req) == unauth
+    assert (
+        _raw(
+            gateway,
+            [("authorization", "Bearer not.a.jwt")] + sign(key.secret.encode(), GENERATE, body, key_id=key.key_id),
+            req,
+        )
+        == unauth
+    )
     assert _raw(gateway, auth, req) == unauth  # token without a signature
     tampered = pb.GenerateRequest(prompt="something else", sampling=sampling(max_tokens=2))
     assert _raw(gateway, auth + sign(key.secret.encode(), GENERATE, body, key_id=key.key_id), tampered) == unauth
@@ -102,7 +115,9 @@ def test_attacks_are_refused(mesh: Mesh, gateway: grpc.Channel, creds: tuple[Api
     assert _raw(gateway, auth + other_method, req) == unauth
     # Authenticated and signed, but the key lacks the method's scope.
     reader, reader_token = _key(mesh, ["inference:read"])
-    md = [("authorization", f"Bearer {reader_token}")] + sign(reader.secret.encode(), GENERATE, body, key_id=reader.key_id)
+    md = [("authorization", f"Bearer {reader_token}")] + sign(
+        reader.secret.encode(), GENERATE, body, key_id=reader.key_id
+    )
     assert _raw(gateway, md, req) == grpc.StatusCode.PERMISSION_DENIED
     # A valid token of one key with the signature of another.
     md = auth + sign(reader.secret.encode(), GENERATE, body, key_id=reader.key_id)
@@ -122,7 +137,10 @@ def test_attacks_are_refused(mesh: Mesh, gateway: grpc.Channel, creds: tuple[Api
 
 
 def test_pii_is_masked_before_the_model_and_audited_without_values(mesh: Mesh, signed: pb_grpc.InferenceStub) -> None:
-    reply = signed.Chat(pb.ChatRequest(message="我的手机是13812348000,邮箱zhang.san@example.com", sampling=sampling(max_tokens=3)), timeout=30)
+    reply = signed.Chat(
+        pb.ChatRequest(message="我的手机是13812348000,邮箱zhang.san@example.com", sampling=sampling(max_tokens=3)),
+        timeout=30,
+    )
     # Read straight from the service as someone of the same tenant: what the model saw.
     acme = Principal("auditor", "acme", frozenset({"inference:*"}))
     direct = pb_grpc.InferenceStub(local_channel(mesh.address, mesh.cfg.home, acme))
@@ -132,8 +150,9 @@ def test_pii_is_masked_before_the_model_and_audited_without_values(mesh: Mesh, s
     deadline = time.monotonic() + 15
     sec = mesh.security()
     while True:
-        records = sec.QueryAudit(spb.QueryAuditRequest(action="/llmesh.inference.v1.Inference/Chat", actor="app",
-                                                       limit=1000), timeout=10).records
+        records = sec.QueryAudit(
+            spb.QueryAuditRequest(action="/llmesh.inference.v1.Inference/Chat", actor="app", limit=1000), timeout=10
+        ).records
         if any("cn_mobile=1" in str(r) for r in records):
             break
         assert time.monotonic() < deadline, "no audit record arrived"
@@ -148,20 +167,41 @@ def test_cli_keys_and_token(mesh: Mesh) -> None:
     import sys
 
     def cli(*args: str) -> str:
-        out = subprocess.run([sys.executable, "-m", "llmesh.cli", *args, "--config", str(mesh.config_path)],
-                             capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            [sys.executable, "-m", "llmesh.cli", *args, "--config", str(mesh.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert out.returncode == 0, out.stderr
         return out.stdout
 
-    created = dict(line.split("=", 1) for line in cli("keys", "create", "--owner", "ops", "--scope", "inference:read").split())
+    created = dict(
+        line.split("=", 1) for line in cli("keys", "create", "--owner", "ops", "--scope", "inference:read").split()
+    )
     assert created["key_id"] in cli("keys", "list", "--owner", "ops")
     jwt_token = cli("token", "--key-id", created["key_id"], "--secret", created["secret"]).strip()
     assert jwt_token.count(".") == 2
     cli("keys", "revoke", created["key_id"])
     assert cli("audit", "verify").startswith("intact:")
     assert "/llmesh.inference.v1.Inference/" in cli("audit", "query", "--actor", "app", "--limit", "5")
-    out = subprocess.run([sys.executable, "-m", "llmesh.cli", "token", "--key-id", created["key_id"], "--secret",
-                          created["secret"], "--config", str(mesh.config_path)], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llmesh.cli",
+            "token",
+            "--key-id",
+            created["key_id"],
+            "--secret",
+            created["secret"],
+            "--config",
+            str(mesh.config_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 1 and "FAILED_PRECONDITION" in out.stderr
 
 

@@ -11,10 +11,10 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import grpc
 import pytest
@@ -24,10 +24,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmesh.auth.signature import sign
 from llmesh.auth_client import ApiKey, gateway_channel
 from llmesh.client import describe_error
-from llmesh.inference.v1 import inference_pb2 as pb
-from llmesh.inference.v1 import inference_pb2_grpc as pb_grpc
-from llmesh.sandbox import RedisServer, free_ports
-from llmesh.security.v1 import security_pb2 as spb
+from llmesh.pb.inference.v1 import inference_pb2 as pb
+from llmesh.pb.inference.v1 import inference_pb2_grpc as pb_grpc
+from llmesh.pb.security.v1 import security_pb2 as spb
+from tests.support.sandbox import RedisServer, free_ports
 from tests.conftest import Mesh
 
 READ_LIMIT = 20  # read calls per principal per minute, on both replicas
@@ -49,8 +49,9 @@ class Replica:
         env = {k: v for k, v in os.environ.items() if not k.startswith("LLMESH")}
         env["LLMESH_CONFIG"] = str(self.config)
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "llmesh.services.gateway"], env=env,
-                                         stdout=out, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "llmesh.services.gateway"], env=env, stdout=out, stderr=subprocess.STDOUT
+            )
         with grpc.insecure_channel(self.address) as ch:
             deadline = time.monotonic() + 60
             while True:
@@ -90,7 +91,9 @@ def replicas(mesh: Mesh, redis: RedisServer, tmp_path_factory: pytest.TempPathFa
         gw = dict(doc["gateway"])
         gw["server"] = {**gw["server"], "port": port, "metrics_port": 0}
         gw["peers"] = {**gw["peers"], "redis": redis.url}
-        limits = {k: {"requests": 10_000, "window_s": 60} for k in ("read", "write", "generate", "embed", "job", "admin")}
+        limits = {
+            k: {"requests": 10_000, "window_s": 60} for k in ("read", "write", "generate", "embed", "job", "admin")
+        }
         gw["rate_limits"] = {**limits, "read": {"requests": READ_LIMIT, "window_s": 60}}
         # Long enough that only the shutdown flush can deliver a replica's records in time.
         gw["audit_flush_interval_s"] = 3600
@@ -106,7 +109,9 @@ def replicas(mesh: Mesh, redis: RedisServer, tmp_path_factory: pytest.TempPathFa
 
 
 def _key(mesh: Mesh, owner: str, scopes: list[str]) -> ApiKey:
-    created = mesh.security().CreateApiKey(spb.CreateApiKeyRequest(owner=owner, tenant="acme", scopes=scopes), timeout=10)
+    created = mesh.security().CreateApiKey(
+        spb.CreateApiKeyRequest(owner=owner, tenant="acme", scopes=scopes), timeout=10
+    )
     return ApiKey(created.key.key_id, created.secret)
 
 
@@ -137,7 +142,9 @@ def test_rate_limit_is_shared_by_replicas(mesh: Mesh, replicas: list[Replica]) -
         assert failure.code == "RESOURCE_EXHAUSTED" and failure.retry_after_s and 0 < failure.retry_after_s <= 60
 
 
-def test_redis_stopped_and_restarted_under_the_replicas(mesh: Mesh, replicas: list[Replica], redis: RedisServer) -> None:
+def test_redis_stopped_and_restarted_under_the_replicas(
+    mesh: Mesh, replicas: list[Replica], redis: RedisServer
+) -> None:
     key = _key(mesh, f"outage-{uuid.uuid4().hex[:8]}", ["inference:read", "inference:chat"])
     token = mesh.security().IssueToken(spb.IssueTokenRequest(key_id=key.key_id, secret=key.secret), timeout=10).token
     a = pb_grpc.InferenceStub(gateway_channel(replicas[0].address, key))
@@ -153,8 +160,13 @@ def test_redis_stopped_and_restarted_under_the_replicas(mesh: Mesh, replicas: li
         body = pb.ListTemplatesRequest().SerializeToString()
         md = [("authorization", f"Bearer {token}")] + sign(key.secret.encode(), LIST, body, key_id=key.key_id)
         raw = pb_grpc.InferenceStub(grpc.insecure_channel(replicas[0].address))
-        assert _code(lambda: raw.ListTemplates(pb.ListTemplatesRequest(), metadata=md, timeout=20)) == grpc.StatusCode.OK
-        assert _code(lambda: raw.ListTemplates(pb.ListTemplatesRequest(), metadata=md, timeout=20)) == grpc.StatusCode.UNAUTHENTICATED
+        assert (
+            _code(lambda: raw.ListTemplates(pb.ListTemplatesRequest(), metadata=md, timeout=20)) == grpc.StatusCode.OK
+        )
+        assert (
+            _code(lambda: raw.ListTemplates(pb.ListTemplatesRequest(), metadata=md, timeout=20))
+            == grpc.StatusCode.UNAUTHENTICATED
+        )
     finally:
         redis.start()  # same port, empty
     deadline = time.monotonic() + 15
@@ -162,7 +174,10 @@ def test_redis_stopped_and_restarted_under_the_replicas(mesh: Mesh, replicas: li
         assert time.monotonic() < deadline, "gateway did not recover after Redis came back"
         time.sleep(0.2)
     b = pb_grpc.InferenceStub(gateway_channel(replicas[1].address, key))
-    assert _code(lambda: b.DeleteConversation(pb.DeleteConversationRequest(conversation_id="c" * 16), timeout=20)) == grpc.StatusCode.OK
+    assert (
+        _code(lambda: b.DeleteConversation(pb.DeleteConversationRequest(conversation_id="c" * 16), timeout=20))
+        == grpc.StatusCode.OK
+    )
 
 
 def _audited(mesh: Mesh, actor: str) -> int:
@@ -180,8 +195,14 @@ def test_no_audit_record_is_lost_when_a_replica_stops(mesh: Mesh, replicas: list
     assert replicas[1].stop() == 0
     assert _audited(mesh, owner) == n  # the clean shutdown delivered every record
     replicas[1].start()
-    assert _code(lambda: pb_grpc.InferenceStub(gateway_channel(replicas[1].address, key)).ListTemplates(
-        pb.ListTemplatesRequest(), timeout=20)) == grpc.StatusCode.OK
+    assert (
+        _code(
+            lambda: pb_grpc.InferenceStub(gateway_channel(replicas[1].address, key)).ListTemplates(
+                pb.ListTemplatesRequest(), timeout=20
+            )
+        )
+        == grpc.StatusCode.OK
+    )
 
 
 def test_audit_is_spooled_when_security_is_down_at_shutdown(mesh: Mesh, replicas: list[Replica]) -> None:

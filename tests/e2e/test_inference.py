@@ -10,8 +10,8 @@ import grpc
 import pytest
 
 from llmesh.client import describe_error, sampling
-from llmesh.common.v1 import types_pb2
-from llmesh.inference.v1 import inference_pb2 as pb
+from llmesh.pb.common.v1 import types_pb2
+from llmesh.pb.inference.v1 import inference_pb2 as pb
 from tests.conftest import TEST_ADAPTER, Mesh
 
 
@@ -59,7 +59,9 @@ def test_concurrent_requests_batch_and_mix_adapters(stub) -> None:  # type: igno
     prompts = [(f"question {i}", TEST_ADAPTER if i % 2 else "") for i in range(8)]
     alone = [gen(stub, p, max_tokens=12, temperature=0.0, adapter=a).text for p, a in prompts]
     with ThreadPoolExecutor(8) as pool:
-        together = list(pool.map(lambda pa: gen(stub, pa[0], max_tokens=12, temperature=0.0, adapter=pa[1]).text, prompts))
+        together = list(
+            pool.map(lambda pa: gen(stub, pa[0], max_tokens=12, temperature=0.0, adapter=pa[1]).text, prompts)
+        )
     assert together == alone
     base = gen(stub, "question 1", max_tokens=12, temperature=0.0).text
     assert base != alone[1], "the adapter must change the output"
@@ -71,23 +73,42 @@ def test_templates_list_render_and_generate(stub) -> None:  # type: ignore[no-un
     variables = {"text": "今天天气很好", "source_lang": "中文", "target_lang": "英文"}
     rendered = stub.RenderTemplate(pb.TemplateInput(name="translation", variables=variables), timeout=10).prompt
     assert rendered.startswith("将以下中文文本翻译成英文") and "今天天气很好" in rendered
-    r = stub.Generate(pb.GenerateRequest(template=pb.TemplateInput(name="translation", variables=variables)), timeout=60)
-    direct = stub.Generate(pb.GenerateRequest(prompt=rendered, sampling=sampling(temperature=0.2, max_tokens=256, seed=1)), timeout=60)
+    r = stub.Generate(
+        pb.GenerateRequest(template=pb.TemplateInput(name="translation", variables=variables)), timeout=60
+    )
+    direct = stub.Generate(
+        pb.GenerateRequest(prompt=rendered, sampling=sampling(temperature=0.2, max_tokens=256, seed=1)), timeout=60
+    )
     assert r.usage.prompt_tokens == direct.usage.prompt_tokens  # the service rendered exactly that prompt
 
 
 def test_chat_memory_carries_across_calls_and_expires(stub, mesh: Mesh) -> None:  # type: ignore[no-untyped-def]
-    first = stub.Chat(pb.ChatRequest(message="我忘记了VPN密码", system_prompt="你是IT助手", sampling=sampling(max_tokens=8)), timeout=60)
+    first = stub.Chat(
+        pb.ChatRequest(message="我忘记了VPN密码", system_prompt="你是IT助手", sampling=sampling(max_tokens=8)),
+        timeout=60,
+    )
     cid = first.conversation_id
     assert cid and first.history_length == 2 and first.usage.completion_tokens > 0
-    second = stub.Chat(pb.ChatRequest(conversation_id=cid, message="怎么重置?", sampling=sampling(max_tokens=8)), timeout=60)
+    second = stub.Chat(
+        pb.ChatRequest(conversation_id=cid, message="怎么重置?", sampling=sampling(max_tokens=8)), timeout=60
+    )
     assert second.history_length == 4
     assert second.usage.prompt_tokens > first.usage.prompt_tokens  # the history was sent to the model
     conv = stub.GetConversation(pb.GetConversationRequest(conversation_id=cid), timeout=10)
-    assert [m.content for m in conv.messages] == ["你是IT助手", "我忘记了VPN密码", first.reply.content, "怎么重置?", second.reply.content]
+    assert [m.content for m in conv.messages] == [
+        "你是IT助手",
+        "我忘记了VPN密码",
+        first.reply.content,
+        "怎么重置?",
+        second.reply.content,
+    ]
     assert 0 < conv.ttl_seconds <= mesh.cfg.inference.chat_ttl_seconds
     # Streaming turn on the same conversation; history bounded to chat_max_messages (6).
-    msgs = list(stub.ChatStream(pb.ChatRequest(conversation_id=cid, message="谢谢", sampling=sampling(max_tokens=8)), timeout=60))
+    msgs = list(
+        stub.ChatStream(
+            pb.ChatRequest(conversation_id=cid, message="谢谢", sampling=sampling(max_tokens=8)), timeout=60
+        )
+    )
     assert msgs[-1].history_length == 6 and msgs[-1].finish_reason
     third = stub.Chat(pb.ChatRequest(conversation_id=cid, message="再见", sampling=sampling(max_tokens=8)), timeout=60)
     assert third.history_length == 6
@@ -104,7 +125,9 @@ def test_converse_bidi_keeps_one_conversation(stub) -> None:  # type: ignore[no-
     finals = [m for m in stub.Converse(iter(turns), timeout=60) if m.finish_reason]
     assert [m.history_length for m in finals] == [2, 4, 6]
     assert len({m.conversation_id for m in finals}) == 1
-    assert stub.DeleteConversation(pb.DeleteConversationRequest(conversation_id=finals[0].conversation_id), timeout=10).deleted
+    assert stub.DeleteConversation(
+        pb.DeleteConversationRequest(conversation_id=finals[0].conversation_id), timeout=10
+    ).deleted
 
 
 def _generated_tokens(mesh: Mesh) -> float:
@@ -113,7 +136,10 @@ def _generated_tokens(mesh: Mesh) -> float:
 
 def test_cancelling_a_stream_stops_generation(stub, mesh: Mesh) -> None:  # type: ignore[no-untyped-def]
     before = _generated_tokens(mesh)
-    call = stub.GenerateStream(pb.GenerateRequest(prompt="tell a long story", sampling=sampling(max_tokens=1000, temperature=1.0, seed=3)), timeout=60)
+    call = stub.GenerateStream(
+        pb.GenerateRequest(prompt="tell a long story", sampling=sampling(max_tokens=1000, temperature=1.0, seed=3)),
+        timeout=60,
+    )
     got = 0
     for _ in call:
         got += 1
@@ -145,8 +171,16 @@ BAD_GENERATE = [
     (pb.GenerateRequest(), INVALID, "prompt"),
     (pb.GenerateRequest(prompt="   "), INVALID, "prompt"),
     (pb.GenerateRequest(prompt="x" * 6001), INVALID, "prompt"),
-    (pb.GenerateRequest(prompt="a " * 2900, sampling=sampling(max_tokens=10)), INVALID, "prompt"),  # more tokens than the model's context
-    (pb.GenerateRequest(prompt="a " * 400, sampling=sampling(max_tokens=1000)), INVALID, "sampling.max_tokens"),  # prompt + max_tokens > context
+    (
+        pb.GenerateRequest(prompt="a " * 2900, sampling=sampling(max_tokens=10)),
+        INVALID,
+        "prompt",
+    ),  # more tokens than the model's context
+    (
+        pb.GenerateRequest(prompt="a " * 400, sampling=sampling(max_tokens=1000)),
+        INVALID,
+        "sampling.max_tokens",
+    ),  # prompt + max_tokens > context
     (pb.GenerateRequest(prompt="hi", sampling=sampling(temperature=3.0)), INVALID, "sampling.temperature"),
     (pb.GenerateRequest(prompt="hi", sampling=sampling(top_p=0.0)), INVALID, "sampling.top_p"),
     (pb.GenerateRequest(prompt="hi", sampling=sampling(top_k=5000)), INVALID, "sampling.top_k"),
@@ -157,14 +191,24 @@ BAD_GENERATE = [
     (pb.GenerateRequest(prompt="hi", adapter="no-such-adapter"), grpc.StatusCode.NOT_FOUND, ""),
     (pb.GenerateRequest(template=pb.TemplateInput(name="nope")), grpc.StatusCode.NOT_FOUND, ""),
     (pb.GenerateRequest(template=pb.TemplateInput(name="")), INVALID, "template.name"),
-    (pb.GenerateRequest(template=pb.TemplateInput(name="translation", variables={"text": "a"})), INVALID, "template.variables.source_lang"),
+    (
+        pb.GenerateRequest(template=pb.TemplateInput(name="translation", variables={"text": "a"})),
+        INVALID,
+        "template.variables.source_lang",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("request_", "code", "field"), BAD_GENERATE)
 @pytest.mark.parametrize("rpc", ["Generate", "GenerateStream"])
-def test_bad_generate_input_gets_a_clear_status(stub, rpc: str, request_: pb.GenerateRequest, code: grpc.StatusCode, field: str) -> None:  # type: ignore[no-untyped-def]
-    call = (lambda: stub.Generate(request_, timeout=30)) if rpc == "Generate" else (lambda: list(stub.GenerateStream(request_, timeout=30)))
+def test_bad_generate_input_gets_a_clear_status(
+    stub, rpc: str, request_: pb.GenerateRequest, code: grpc.StatusCode, field: str
+) -> None:  # type: ignore[no-untyped-def]
+    call = (
+        (lambda: stub.Generate(request_, timeout=30))
+        if rpc == "Generate"
+        else (lambda: list(stub.GenerateStream(request_, timeout=30)))
+    )
     assert _code_and_field(call) == (code, field)
 
 
@@ -179,7 +223,9 @@ BAD_CHAT = [
 
 @pytest.mark.parametrize(("request_", "code", "field"), BAD_CHAT)
 @pytest.mark.parametrize("rpc", ["Chat", "ChatStream", "Converse"])
-def test_bad_chat_input_gets_a_clear_status(stub, rpc: str, request_: pb.ChatRequest, code: grpc.StatusCode, field: str) -> None:  # type: ignore[no-untyped-def]
+def test_bad_chat_input_gets_a_clear_status(
+    stub, rpc: str, request_: pb.ChatRequest, code: grpc.StatusCode, field: str
+) -> None:  # type: ignore[no-untyped-def]
     calls = {
         "Chat": lambda: stub.Chat(request_, timeout=30),
         "ChatStream": lambda: list(stub.ChatStream(request_, timeout=30)),
@@ -190,12 +236,22 @@ def test_bad_chat_input_gets_a_clear_status(stub, rpc: str, request_: pb.ChatReq
 
 def test_bad_input_for_the_other_rpcs(stub) -> None:  # type: ignore[no-untyped-def]
     nf, inv = grpc.StatusCode.NOT_FOUND, INVALID
-    assert _code_and_field(lambda: stub.GetConversation(pb.GetConversationRequest(conversation_id="never-used"), timeout=10)) == (nf, "")
-    assert _code_and_field(lambda: stub.GetConversation(pb.GetConversationRequest(conversation_id=""), timeout=10)) == (inv, "conversation_id")
-    assert _code_and_field(lambda: stub.DeleteConversation(pb.DeleteConversationRequest(conversation_id="a b"), timeout=10)) == (inv, "conversation_id")
+    assert _code_and_field(
+        lambda: stub.GetConversation(pb.GetConversationRequest(conversation_id="never-used"), timeout=10)
+    ) == (nf, "")
+    assert _code_and_field(lambda: stub.GetConversation(pb.GetConversationRequest(conversation_id=""), timeout=10)) == (
+        inv,
+        "conversation_id",
+    )
+    assert _code_and_field(
+        lambda: stub.DeleteConversation(pb.DeleteConversationRequest(conversation_id="a b"), timeout=10)
+    ) == (inv, "conversation_id")
     assert not stub.DeleteConversation(pb.DeleteConversationRequest(conversation_id="never-used"), timeout=10).deleted
     assert _code_and_field(lambda: stub.RenderTemplate(pb.TemplateInput(name="nope"), timeout=10)) == (nf, "")
-    assert _code_and_field(lambda: stub.RenderTemplate(pb.TemplateInput(name="sentiment"), timeout=10)) == (inv, "variables.text")
+    assert _code_and_field(lambda: stub.RenderTemplate(pb.TemplateInput(name="sentiment"), timeout=10)) == (
+        inv,
+        "variables.text",
+    )
     models = stub.ListModels(pb.ListModelsRequest(), timeout=10).models
     assert any(m.name == "llm" and m.ready for m in models)
 

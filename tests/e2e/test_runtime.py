@@ -10,14 +10,14 @@ import time
 
 import grpc
 import pytest
+from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from google.protobuf.descriptor_pool import DescriptorPool
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from llmesh.client import local_channel, sampling
-from llmesh.inference.v1 import inference_pb2 as pb
-from llmesh.inference.v1 import inference_pb2_grpc
+from llmesh.pb.inference.v1 import inference_pb2 as pb
+from llmesh.pb.inference.v1 import inference_pb2_grpc
 from tests.conftest import Mesh, free_ports
 
 SERVICE = "llmesh.inference.v1.Inference"
@@ -26,7 +26,10 @@ SERVICE = "llmesh.inference.v1.Inference"
 def test_health_reports_serving_per_service(channel: grpc.Channel) -> None:
     health = health_pb2_grpc.HealthStub(channel)
     for name in ("", SERVICE):
-        assert health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+        assert (
+            health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
     with pytest.raises(grpc.RpcError) as e:
         health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=5)
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
@@ -53,23 +56,41 @@ def test_metrics_endpoint_counts_rpcs(mesh: Mesh, stub) -> None:  # type: ignore
     import urllib.request
 
     stub.ListTemplates(pb.ListTemplatesRequest(), timeout=10)
-    body = urllib.request.urlopen(f"http://127.0.0.1:{mesh.cfg.inference.server.metrics_port}/metrics", timeout=5).read().decode()
-    assert 'grpc_server_handled_total{grpc_code="OK",grpc_method="/llmesh.inference.v1.Inference/ListTemplates"}' in body
+    body = (
+        urllib.request.urlopen(f"http://127.0.0.1:{mesh.cfg.inference.server.metrics_port}/metrics", timeout=5)
+        .read()
+        .decode()
+    )
+    assert (
+        'grpc_server_handled_total{grpc_code="OK",grpc_method="/llmesh.inference.v1.Inference/ListTemplates"}' in body
+    )
 
 
 def start_service(mesh: Mesh, **env_extra: str) -> tuple[subprocess.Popen, grpc.Channel]:
     """A second inference service process on its own port, sharing the mesh's peers."""
-    port, = free_ports(1)
-    env = {**os.environ, "LLMESH_CONFIG": str(mesh.config_path), "LLMESH__INFERENCE__SERVER__PORT": str(port),
-           "LLMESH__INFERENCE__SERVER__METRICS_PORT": "0", **env_extra}
-    proc = subprocess.Popen([sys.executable, "-m", "llmesh.services.inference"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    (port,) = free_ports(1)
+    env = {
+        **os.environ,
+        "LLMESH_CONFIG": str(mesh.config_path),
+        "LLMESH__INFERENCE__SERVER__PORT": str(port),
+        "LLMESH__INFERENCE__SERVER__METRICS_PORT": "0",
+        **env_extra,
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmesh.services.inference"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     channel = local_channel(f"127.0.0.1:{port}", mesh.cfg.home)
     health = health_pb2_grpc.HealthStub(channel)
     deadline = time.monotonic() + 60
     while True:
         try:
-            if health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+            if (
+                health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                == health_pb2.HealthCheckResponse.SERVING
+            ):
                 return proc, channel
         except grpc.RpcError:
             pass
@@ -84,7 +105,9 @@ def test_graceful_shutdown_finishes_in_flight_calls(mesh: Mesh) -> None:
     try:
         health = health_pb2_grpc.HealthStub(channel)
         stub = inference_pb2_grpc.InferenceStub(channel)
-        stream = stub.GenerateStream(pb.GenerateRequest(prompt="a long answer", sampling=sampling(max_tokens=1000, seed=5)), timeout=60)
+        stream = stub.GenerateStream(
+            pb.GenerateRequest(prompt="a long answer", sampling=sampling(max_tokens=1000, seed=5)), timeout=60
+        )
         first = next(stream)
         proc.send_signal(signal.SIGTERM)
         rest = list(stream)  # the in-flight stream runs to its end
@@ -105,7 +128,7 @@ class _Collector(trace_service_pb2_grpc.TraceServiceServicer):
     def __init__(self) -> None:
         self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
 
-    def Export(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
+    def Export(self, request, context):  # type: ignore[no-untyped-def]
         self.requests.append(request)
         return trace_service_pb2.ExportTraceServiceResponse()
 
@@ -118,8 +141,12 @@ def test_traces_are_exported_over_otlp_when_an_endpoint_is_set(mesh: Mesh) -> No
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, receiver)
     port = receiver.add_insecure_port("127.0.0.1:0")
     receiver.start()
-    proc, channel = start_service(mesh, OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{port}",
-                                  OTEL_EXPORTER_OTLP_INSECURE="true", OTEL_BSP_SCHEDULE_DELAY="200")
+    proc, channel = start_service(
+        mesh,
+        OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{port}",
+        OTEL_EXPORTER_OTLP_INSECURE="true",
+        OTEL_BSP_SCHEDULE_DELAY="200",
+    )
     try:
         stub = inference_pb2_grpc.InferenceStub(channel)
         stub.Generate(pb.GenerateRequest(prompt="traced", sampling=sampling(max_tokens=2)), timeout=30)
@@ -130,8 +157,13 @@ def test_traces_are_exported_over_otlp_when_an_endpoint_is_set(mesh: Mesh) -> No
         if proc.poll() is None:
             proc.kill()
         receiver.stop(None)
-    spans = [(rs.resource, span) for req in collector.requests for rs in req.resource_spans
-             for ss in rs.scope_spans for span in ss.spans]
+    spans = [
+        (rs.resource, span)
+        for req in collector.requests
+        for rs in req.resource_spans
+        for ss in rs.scope_spans
+        for span in ss.spans
+    ]
     names = {span.name for _, span in spans}
     assert "/llmesh.inference.v1.Inference/Generate" in names
     services = {a.value.string_value for res, _ in spans for a in res.attributes if a.key == "service.name"}
@@ -146,19 +178,21 @@ def test_message_size_limit_is_enforced(mesh: Mesh, stub) -> None:  # type: igno
 
 
 def test_the_security_service_runs_in_the_mesh(mesh: Mesh) -> None:
-    from llmesh.security.v1 import security_pb2, security_pb2_grpc
+    from llmesh.pb.security.v1 import security_pb2, security_pb2_grpc
 
     with local_channel(f"127.0.0.1:{mesh.cfg.security.server.port}", mesh.cfg.home) as ch:
         health = health_pb2_grpc.HealthStub(ch)
-        assert health.Check(health_pb2.HealthCheckRequest(service="llmesh.security.v1.Security"), timeout=5).status == \
-            health_pb2.HealthCheckResponse.SERVING
+        assert (
+            health.Check(health_pb2.HealthCheckRequest(service="llmesh.security.v1.Security"), timeout=5).status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
         jwks = security_pb2_grpc.SecurityStub(ch).GetJwks(security_pb2.GetJwksRequest(), timeout=5)
         assert '"keys"' in jwks.jwks_json
 
 
 def test_services_refuse_calls_that_bypass_the_gateway(mesh: Mesh) -> None:
+    from llmesh.pb.security.v1 import security_pb2, security_pb2_grpc
     from llmesh.runtime.identity import IDENTITY_KEY, InternalIdentity, Principal
-    from llmesh.security.v1 import security_pb2, security_pb2_grpc
 
     forged = InternalIdentity(b"x" * 32).mint(Principal("mallory", "acme", frozenset({"*"})))
     for md in ((), ((IDENTITY_KEY, "garbage"),), ((IDENTITY_KEY, forged),)):
@@ -167,9 +201,15 @@ def test_services_refuse_calls_that_bypass_the_gateway(mesh: Mesh) -> None:
                 inference_pb2_grpc.InferenceStub(ch).ListTemplates(pb.ListTemplatesRequest(), metadata=md, timeout=5)
             assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
             with pytest.raises(grpc.RpcError) as e:
-                list(inference_pb2_grpc.InferenceStub(ch).GenerateStream(pb.GenerateRequest(prompt="x"), metadata=md, timeout=5))
+                list(
+                    inference_pb2_grpc.InferenceStub(ch).GenerateStream(
+                        pb.GenerateRequest(prompt="x"), metadata=md, timeout=5
+                    )
+                )
             assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
         with grpc.insecure_channel(f"127.0.0.1:{mesh.cfg.security.server.port}") as ch:
             with pytest.raises(grpc.RpcError) as e:
-                security_pb2_grpc.SecurityStub(ch).ListApiKeys(security_pb2.ListApiKeysRequest(), metadata=md, timeout=5)
+                security_pb2_grpc.SecurityStub(ch).ListApiKeys(
+                    security_pb2.ListApiKeysRequest(), metadata=md, timeout=5
+                )
             assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED

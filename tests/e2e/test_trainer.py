@@ -8,7 +8,7 @@ import json
 import os
 import signal
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import grpc
 import psutil
@@ -16,13 +16,13 @@ import pytest
 
 from llmesh.auth_client import ApiKey, gateway_channel
 from llmesh.client import local_channel, sampling
-from llmesh.demo import FAQ_RANK, FAQ_TRAINING
-from llmesh.inference.v1 import inference_pb2 as ipb
-from llmesh.inference.v1 import inference_pb2_grpc as igrpc
-from llmesh.models.demo import faq_pairs
-from llmesh.security.v1 import security_pb2 as spb
-from llmesh.trainer.v1 import trainer_pb2 as pb
-from llmesh.trainer.v1 import trainer_pb2_grpc as pb_grpc
+from llmesh.demo.job import FAQ_RANK, FAQ_TRAINING
+from llmesh.demo.models import faq_pairs
+from llmesh.pb.inference.v1 import inference_pb2 as ipb
+from llmesh.pb.inference.v1 import inference_pb2_grpc as igrpc
+from llmesh.pb.security.v1 import security_pb2 as spb
+from llmesh.pb.trainer.v1 import trainer_pb2 as pb
+from llmesh.pb.trainer.v1 import trainer_pb2_grpc as pb_grpc
 from tests.conftest import Mesh
 
 FAQ = json.dumps(faq_pairs(), ensure_ascii=False).encode()
@@ -32,8 +32,9 @@ FAQ_JOB = dict(lora=pb.LoraConfig(rank=FAQ_RANK), **FAQ_TRAINING)  # what the de
 @pytest.fixture(scope="module")
 def channel(mesh: Mesh) -> Iterator[grpc.Channel]:
     sec = mesh.security()
-    created = sec.CreateApiKey(spb.CreateApiKeyRequest(owner="ml-engineer", tenant="acme",
-                                                       scopes=["trainer:*", "inference:*"]), timeout=10)
+    created = sec.CreateApiKey(
+        spb.CreateApiKeyRequest(owner="ml-engineer", tenant="acme", scopes=["trainer:*", "inference:*"]), timeout=10
+    )
     ch = gateway_channel(f"127.0.0.1:{mesh.cfg.gateway.server.port}", ApiKey(created.key.key_id, created.secret))
     yield ch
     ch.close()
@@ -46,7 +47,7 @@ def trainer(channel: grpc.Channel) -> pb_grpc.TrainerStub:
 
 def upload(trainer: pb_grpc.TrainerStub, data: bytes, name: str, **header: object) -> pb.Dataset:
     parts = [pb.UploadDatasetRequest(header=pb.DatasetHeader(name=name, **header))]
-    parts += [pb.UploadDatasetRequest(data=data[i:i + 4096]) for i in range(0, len(data), 4096)]
+    parts += [pb.UploadDatasetRequest(data=data[i : i + 4096]) for i in range(0, len(data), 4096)]
     return trainer.UploadDataset(iter(parts), timeout=60)
 
 
@@ -67,11 +68,17 @@ def code_of(call) -> tuple[grpc.StatusCode, str]:  # type: ignore[no-untyped-def
     return grpc.StatusCode.OK, ""
 
 
-def test_train_evaluate_publish_and_serve_through_the_gateway(mesh: Mesh, channel: grpc.Channel, trainer: pb_grpc.TrainerStub) -> None:
+def test_train_evaluate_publish_and_serve_through_the_gateway(
+    mesh: Mesh, channel: grpc.Channel, trainer: pb_grpc.TrainerStub
+) -> None:
     ds = upload(trainer, FAQ, "faq.json", eval_fraction=0.1, seed=3)
     assert ds.train_examples + ds.eval_examples == 20 and ds.eval_examples == 2
-    assert upload(trainer, FAQ, "again.json", eval_fraction=0.1, seed=3).dataset_id == ds.dataset_id  # content-addressed
-    job = trainer.CreateJob(pb.CreateJobRequest(dataset_id=ds.dataset_id, adapter_name="helpdesk", **FAQ_JOB), timeout=30)
+    assert (
+        upload(trainer, FAQ, "again.json", eval_fraction=0.1, seed=3).dataset_id == ds.dataset_id
+    )  # content-addressed
+    job = trainer.CreateJob(
+        pb.CreateJobRequest(dataset_id=ds.dataset_id, adapter_name="helpdesk", **FAQ_JOB), timeout=30
+    )
     job, kinds = wait(trainer, job.job_id)
     assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
     assert job.adapter == "helpdesk@v1" and "progress" in kinds and "evaluated" in kinds
@@ -94,7 +101,9 @@ def test_train_evaluate_publish_and_serve_through_the_gateway(mesh: Mesh, channe
     greedy = sampling(temperature=0.0, max_tokens=160)
     hits = 0
     for pair in train_pairs:
-        tuned = inference.Chat(ipb.ChatRequest(message=pair["question"], adapter="helpdesk", sampling=greedy), timeout=120)
+        tuned = inference.Chat(
+            ipb.ChatRequest(message=pair["question"], adapter="helpdesk", sampling=greedy), timeout=120
+        )
         base = inference.Chat(ipb.ChatRequest(message=pair["question"], sampling=greedy), timeout=120)
         hits += tuned.reply.content.strip() == pair["answer"]
         assert base.reply.content.strip() != pair["answer"]
@@ -120,8 +129,9 @@ def test_a_restarted_triton_serves_the_published_adapter(mesh: Mesh, channel: gr
     deadline = time.monotonic() + 240
     while True:
         try:
-            reply = inference.Chat(ipb.ChatRequest(message=pair["question"], adapter="helpdesk@live", sampling=greedy),
-                                   timeout=60)
+            reply = inference.Chat(
+                ipb.ChatRequest(message=pair["question"], adapter="helpdesk@live", sampling=greedy), timeout=60
+            )
             if mesh.pid("tritonserver") != old:
                 break
         except grpc.RpcError as e:
@@ -136,14 +146,22 @@ def test_cli_train_list_show_and_export(mesh: Mesh, tmp_path) -> None:  # type: 
     import sys
 
     def cli(*args: str) -> str:
-        out = subprocess.run([sys.executable, "-m", "llmesh.cli", *args, "--config", str(mesh.config_path)],
-                             capture_output=True, text=True, timeout=300)
+        out = subprocess.run(
+            [sys.executable, "-m", "llmesh.cli", *args, "--config", str(mesh.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
         return out.stdout
 
     data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps({"instruction": p["question"], "output": p["answer"]}, ensure_ascii=False) + "\n"
-                            for p in faq_pairs()[:6]))
+    data.write_text(
+        "".join(
+            json.dumps({"instruction": p["question"], "output": p["answer"]}, ensure_ascii=False) + "\n"
+            for p in faq_pairs()[:6]
+        )
+    )
     out = cli("train", str(data), "--name", "cli-demo", "--epochs", "2", "--batch-size", "2", "--watch")
     assert "succeeded" in out and "cli-demo@v1" in out
     assert "cli-demo@v1" in cli("adapters", "list", "cli-demo")
@@ -162,10 +180,14 @@ def test_ab_split_routes_callers_stickily_with_per_arm_metrics(mesh: Mesh, train
 
     ds = upload(trainer, FAQ, "faq.json", eval_fraction=0.1, seed=3)
     for _ in range(2):  # ab@v1, ab@v2
-        job = trainer.CreateJob(pb.CreateJobRequest(dataset_id=ds.dataset_id, adapter_name="ab", epochs=1, seed=4), timeout=30)
+        job = trainer.CreateJob(
+            pb.CreateJobRequest(dataset_id=ds.dataset_id, adapter_name="ab", epochs=1, seed=4), timeout=30
+        )
         assert wait(trainer, job.job_id)[0].state == pb.JOB_STATE_SUCCEEDED
-    trainer.SetSplit(pb.SetSplitRequest(name="ab", arms=[pb.SplitArm(version=1, weight=1), pb.SplitArm(version=2, weight=1)]),
-                     timeout=30)
+    trainer.SetSplit(
+        pb.SetSplitRequest(name="ab", arms=[pb.SplitArm(version=1, weight=1), pb.SplitArm(version=2, weight=1)]),
+        timeout=30,
+    )
     served: dict[str, set[str]] = {}
     req = ipb.GenerateRequest(prompt="hi", adapter="ab", sampling=sampling(max_tokens=2))
     for i in range(24):
@@ -174,7 +196,11 @@ def test_ab_split_routes_callers_stickily_with_per_arm_metrics(mesh: Mesh, train
         served[who.subject] = {stub.Generate(req, timeout=60).adapter for _ in range(2)}
     assert all(len(arms) == 1 for arms in served.values())  # sticky per caller
     assert set().union(*served.values()) == {"ab@v1", "ab@v2"}  # both arms get traffic
-    metrics = urllib.request.urlopen(f"http://127.0.0.1:{mesh.cfg.inference.server.metrics_port}/metrics", timeout=10).read().decode()
+    metrics = (
+        urllib.request.urlopen(f"http://127.0.0.1:{mesh.cfg.inference.server.metrics_port}/metrics", timeout=10)
+        .read()
+        .decode()
+    )
     for arm in ("ab@v1", "ab@v2"):
         assert f'llmesh_adapter_requests_total{{adapter="{arm}",outcome="ok"}}' in metrics
         assert f'llmesh_adapter_latency_seconds_count{{adapter="{arm}"}}' in metrics
@@ -195,7 +221,9 @@ def test_bad_datasets_are_refused_with_row_numbers(mesh: Mesh, trainer: pb_grpc.
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "limit" in details
     code, _ = code_of(lambda: upload(trainer, FAQ, "faq.json", sha256="0" * 64))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
-    (mesh.cfg.dataset_root / "pairs.tsv").write_text("怎么申请年假？\t在人事系统提交。\nHow to book a room?\tUse the calendar.\n")
+    (mesh.cfg.dataset_root / "pairs.tsv").write_text(
+        "怎么申请年假？\t在人事系统提交。\nHow to book a room?\tUse the calendar.\n"
+    )
     imported = trainer.ImportDataset(pb.ImportDatasetRequest(path="pairs.tsv"), timeout=10)
     assert imported.train_examples + imported.eval_examples == 2 and imported.format == pb.DATASET_FORMAT_TSV_QA
     for path in ("../../etc/passwd", "/etc/passwd"):
@@ -203,9 +231,13 @@ def test_bad_datasets_are_refused_with_row_numbers(mesh: Mesh, trainer: pb_grpc.
         assert code == grpc.StatusCode.PERMISSION_DENIED, path
     code, _ = code_of(lambda: trainer.CreateJob(pb.CreateJobRequest(dataset_id="nope", adapter_name="x"), timeout=10))
     assert code == grpc.StatusCode.NOT_FOUND
-    code, _ = code_of(lambda: trainer.CreateJob(pb.CreateJobRequest(dataset_id="nope", adapter_name="Bad Name"), timeout=10))
+    code, _ = code_of(
+        lambda: trainer.CreateJob(pb.CreateJobRequest(dataset_id="nope", adapter_name="Bad Name"), timeout=10)
+    )
     assert code == grpc.StatusCode.INVALID_ARGUMENT
-    code, _ = code_of(lambda: trainer.CreateJob(pb.CreateJobRequest(dataset_id="nope", adapter_name="x", qlora=True), timeout=10))
+    code, _ = code_of(
+        lambda: trainer.CreateJob(pb.CreateJobRequest(dataset_id="nope", adapter_name="x", qlora=True), timeout=10)
+    )
     assert code == grpc.StatusCode.FAILED_PRECONDITION  # no CUDA GPU here
     assert len(trainer.ListAdapters(pb.ListAdaptersRequest(), timeout=10).adapters) == before  # nothing half-written
 
@@ -219,8 +251,17 @@ def _worker(mesh: Mesh, job_id: str) -> psutil.Process | None:
 
 def test_a_killed_worker_resumes_from_its_checkpoint(mesh: Mesh, trainer: pb_grpc.TrainerStub) -> None:
     ds = upload(trainer, FAQ, "faq.json", eval_fraction=0.1, seed=3)
-    job = trainer.CreateJob(pb.CreateJobRequest(dataset_id=ds.dataset_id, adapter_name="faq-resume", epochs=40,
-                                                batch_size=2, lora=pb.LoraConfig(rank=4), seed=2), timeout=30)
+    job = trainer.CreateJob(
+        pb.CreateJobRequest(
+            dataset_id=ds.dataset_id,
+            adapter_name="faq-resume",
+            epochs=40,
+            batch_size=2,
+            lora=pb.LoraConfig(rank=4),
+            seed=2,
+        ),
+        timeout=30,
+    )
     every = mesh.cfg.trainer.checkpoint_every_steps
     deadline = time.monotonic() + 120
     while trainer.GetJob(pb.GetJobRequest(job_id=job.job_id), timeout=10).progress.step <= every:
@@ -247,7 +288,11 @@ def test_cancel_a_running_and_a_queued_job(mesh: Mesh, trainer: pb_grpc.TrainerS
     assert trainer.CancelJob(pb.CancelJobRequest(job_id=queued.job_id), timeout=10).state == pb.JOB_STATE_CANCELLED
     trainer.CancelJob(pb.CancelJobRequest(job_id=running.job_id), timeout=10)
     final, kinds = wait(trainer, running.job_id)
-    assert final.state == pb.JOB_STATE_CANCELLED and "cancelled" in kinds and final.progress.step < final.progress.total_steps
+    assert (
+        final.state == pb.JOB_STATE_CANCELLED
+        and "cancelled" in kinds
+        and final.progress.step < final.progress.total_steps
+    )
     names = {a.name for a in trainer.ListAdapters(pb.ListAdaptersRequest(), timeout=10).adapters}
     assert not names & {"cancel-me", "cancel-me-too"}
     code, _ = code_of(lambda: trainer.CancelJob(pb.CancelJobRequest(job_id="job_missing"), timeout=10))

@@ -10,8 +10,8 @@ import time
 import grpc
 
 from llmesh.client import describe_error, local_channel, sampling
-from llmesh.inference.v1 import inference_pb2 as pb
-from llmesh.inference.v1 import inference_pb2_grpc as pb_grpc
+from llmesh.pb.inference.v1 import inference_pb2 as pb
+from llmesh.pb.inference.v1 import inference_pb2_grpc as pb_grpc
 from tests.conftest import Mesh
 
 

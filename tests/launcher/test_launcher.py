@@ -35,7 +35,7 @@ from llmesh.launcher.processes import (
     running_supervisor,
     write_specs,
 )
-from llmesh.runtime.config import MeshConfig, load_config
+from llmesh.config import MeshConfig, load_config
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed"),
@@ -154,7 +154,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[MeshConfig,
         "import sys; from pathlib import Path\n"
         "from llmesh.launcher import up\n"
         "from llmesh.launcher.processes import read_specs\n"
-        "from llmesh.runtime.config import load_config\n"
+        "from llmesh.config import load_config\n"
         "up(load_config(sys.argv[1], env={}), Path(sys.argv[1]), 40, read_specs(Path(sys.argv[2])))\n"
     )
     argv = [sys.executable, "-c", code, str(path), str(specs)]

@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from llmesh.runtime.errors import PermissionDenied, Unauthenticated, Unavailable
 from llmesh.auth.policy import authorize, has_scope
+from llmesh.runtime.errors import PermissionDenied, Unauthenticated, Unavailable
 from llmesh.services.gateway.authn import JwtVerifier, Principal
 
 ISS = "https://id.llmesh.test"
@@ -70,8 +70,16 @@ class Clock:
 
 def claims(**over: Any) -> dict[str, Any]:
     now = int(time.time())
-    c: dict[str, Any] = {"iss": ISS, "aud": AUD, "sub": "user-1", "tenant": "acme", "iat": now,
-                         "exp": now + 300, "scope": "inference:generate embed:read", "roles": ["dev"]}
+    c: dict[str, Any] = {
+        "iss": ISS,
+        "aud": AUD,
+        "sub": "user-1",
+        "tenant": "acme",
+        "iat": now,
+        "exp": now + 300,
+        "scope": "inference:generate embed:read",
+        "roles": ["dev"],
+    }
     c.update(over)
     return {k: v for k, v in c.items() if v is not None}
 
@@ -127,8 +135,14 @@ def forge(header: dict[str, Any], payload: dict[str, Any], key: bytes | None) ->
 async def test_valid_rs256(verifier: JwtVerifier, keys: dict[str, Any]) -> None:
     exp = int(time.time()) + 100
     p = await verifier.verify(token(keys, "rsa1", "RS256", exp=exp))
-    assert p == Principal(subject="user-1", tenant="acme", scopes=frozenset({"inference:generate", "embed:read"}),
-                          roles=frozenset({"dev"}), key_id="rsa1", expires_at=float(exp))
+    assert p == Principal(
+        subject="user-1",
+        tenant="acme",
+        scopes=frozenset({"inference:generate", "embed:read"}),
+        roles=frozenset({"dev"}),
+        key_id="rsa1",
+        expires_at=float(exp),
+    )
 
 
 async def test_valid_es256(verifier: JwtVerifier, keys: dict[str, Any]) -> None:
@@ -142,7 +156,9 @@ async def test_valid_hs256(verifier: JwtVerifier) -> None:
     assert p.key_id is None and p.roles == {"admin", "ops"} and p.tenant == "acme"
 
 
-async def test_jwks_fetched_once_and_cached(verifier: JwtVerifier, jwks: Jwks, keys: dict[str, Any], clock: Clock) -> None:
+async def test_jwks_fetched_once_and_cached(
+    verifier: JwtVerifier, jwks: Jwks, keys: dict[str, Any], clock: Clock
+) -> None:
     for _ in range(5):
         await verifier.verify(token(keys, "rsa1", "RS256"))
     clock.t += 100
@@ -200,10 +216,14 @@ async def test_alg_none(verifier: JwtVerifier) -> None:
     await refused(verifier, forge({"typ": "JWT"}, claims(), None), "alg none")
 
 
-async def test_hs256_with_rsa_public_key_pem(verifier: JwtVerifier, asym_verifier: JwtVerifier,
-                                             keys: dict[str, Any]) -> None:
-    pem = keys["rsa1"].public_key().public_bytes(serialization.Encoding.PEM,
-                                                  serialization.PublicFormat.SubjectPublicKeyInfo)
+async def test_hs256_with_rsa_public_key_pem(
+    verifier: JwtVerifier, asym_verifier: JwtVerifier, keys: dict[str, Any]
+) -> None:
+    pem = (
+        keys["rsa1"]
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
     forged = forge({"alg": "HS256", "typ": "JWT", "kid": "rsa1"}, claims(), pem)
     await refused(asym_verifier, forged, "algorithm 'HS256' not allowed")  # HS256 not allowed at all
     await refused(verifier, forged, "bad token signature")  # HS256 allowed: only the configured secret
@@ -281,8 +301,15 @@ async def test_jwks_unavailable(jwks: Jwks, keys: dict[str, Any], clock: Clock) 
 
 async def test_jwks_ignores_symmetric_and_bad_keys(keys: dict[str, Any], clock: Clock) -> None:
     good = _jwk(keys["rsa1"].public_key(), "rsa1", RSAAlgorithm)
-    doc = {"keys": [{"kty": "oct", "kid": "hmac", "k": _b64(HS_SECRET)}, {"kty": "RSA", "kid": "junk", "n": "x"},
-                    {"kid": 5}, "nonsense", good]}
+    doc = {
+        "keys": [
+            {"kty": "oct", "kid": "hmac", "k": _b64(HS_SECRET)},
+            {"kty": "RSA", "kid": "junk", "n": "x"},
+            {"kid": 5},
+            "nonsense",
+            good,
+        ]
+    }
 
     async def fetch() -> str:
         return json.dumps(doc)
@@ -303,8 +330,20 @@ async def test_oversize(verifier: JwtVerifier, jwks: Jwks, keys: dict[str, Any])
     assert jwks.fetches == 0
 
 
-@pytest.mark.parametrize("garbage", ["", "abc", "a.b", "a.b.c", "....", "eyJhbGciOiJSUzI1NiJ9.e30", "é.é.é",
-                                     _b64(b"[1,2]") + ".e30.sig", _b64(b'{"alg":"RS256","kid":7}') + ".e30.x"])
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        "",
+        "abc",
+        "a.b",
+        "a.b.c",
+        "....",
+        "eyJhbGciOiJSUzI1NiJ9.e30",
+        "é.é.é",
+        _b64(b"[1,2]") + ".e30.sig",
+        _b64(b'{"alg":"RS256","kid":7}') + ".e30.x",
+    ],
+)
 async def test_garbage(verifier: JwtVerifier, garbage: str) -> None:
     with pytest.raises(Unauthenticated) as e:
         await verifier.verify(garbage)
@@ -364,12 +403,20 @@ async def test_verified_tokens_are_cached_until_expiry() -> None:
     secret = b"s" * 32
     v = JwtVerifier("iss", "aud", hs256_secret=secret)
     now = int(_time.time())
-    token = _jwt.encode({"iss": "iss", "aud": "aud", "sub": "u", "tenant": "t", "iat": now, "exp": now + 60},
-                        secret, algorithm="HS256", headers={"kid": "h"})
+    token = _jwt.encode(
+        {"iss": "iss", "aud": "aud", "sub": "u", "tenant": "t", "iat": now, "exp": now + 60},
+        secret,
+        algorithm="HS256",
+        headers={"kid": "h"},
+    )
     first = await v.verify(token)
     assert await v.verify(token) is first  # served from the cache
-    expired = _jwt.encode({"iss": "iss", "aud": "aud", "sub": "u", "tenant": "t", "iat": now - 600, "exp": now - 300},
-                          secret, algorithm="HS256", headers={"kid": "h"})
+    expired = _jwt.encode(
+        {"iss": "iss", "aud": "aud", "sub": "u", "tenant": "t", "iat": now - 600, "exp": now - 300},
+        secret,
+        algorithm="HS256",
+        headers={"kid": "h"},
+    )
     with pytest.raises(Unauthenticated):
         await v.verify(expired)
     with pytest.raises(Unauthenticated):  # failures are never cached as successes

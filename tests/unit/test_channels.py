@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from llmesh.embedding.v1 import embedding_pb2, embedding_pb2_grpc
+from llmesh.pb.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from llmesh.runtime.channels import peer_channel
 
 
@@ -15,7 +15,7 @@ class Flaky(embedding_pb2_grpc.EmbeddingServicer):
         self.calls = 0
         self.deadlines: list[float | None] = []
 
-    async def EmbedText(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
+    async def EmbedText(self, request, context):  # type: ignore[no-untyped-def]
         self.calls += 1
         self.deadlines.append(context.time_remaining())
         if self.calls <= self.failures:
@@ -36,7 +36,9 @@ async def test_unavailable_is_retried_until_success() -> None:
     server, port = await _serve(flaky)
     try:
         channel = peer_channel(f"127.0.0.1:{port}")
-        resp = await embedding_pb2_grpc.EmbeddingStub(channel).EmbedText(embedding_pb2.EmbedTextRequest(texts=["x"]), timeout=10)
+        resp = await embedding_pb2_grpc.EmbeddingStub(channel).EmbedText(
+            embedding_pb2.EmbedTextRequest(texts=["x"]), timeout=10
+        )
         assert resp.model == "text" and flaky.calls == 3
         assert all(d is not None and d < 11 for d in flaky.deadlines)  # the deadline travelled with each attempt
         await channel.close()

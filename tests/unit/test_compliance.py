@@ -19,6 +19,7 @@ from llmesh.cli import app
 from llmesh.compliance import (
     INFERENCE,
     SECURITY,
+    audit_spool_finding,
     count_policies,
     display_url,
     encryption_in_transit,
@@ -26,16 +27,15 @@ from llmesh.compliance import (
     is_loopback,
     make_check,
     retention,
-    audit_spool_finding,
     security_store_findings,
     sensitive_fields,
     token_signing_findings,
     transit_config_findings,
 )
-from llmesh.runtime.config import MeshConfig, load_config
-from llmesh.sandbox import write_config
+from llmesh.config import MeshConfig, load_config
+from tests.support.sandbox import write_config
 from llmesh.services.gateway.routes import service_descriptor
-from llmesh.services.security.server import SecurityServicer
+from llmesh.services.security.servicer import SecurityServicer
 
 
 def config(home: Path, overrides: dict[str, dict[str, Any]] | None = None) -> MeshConfig:
@@ -43,18 +43,38 @@ def config(home: Path, overrides: dict[str, dict[str, Any]] | None = None) -> Me
     return load_config(write_config(home, overrides), env={})
 
 
-@pytest.mark.parametrize(("host", "expected"), [
-    ("127.0.0.1", True), ("127.3.2.1", True), ("::1", True), ("[::1]", True), ("localhost", True),
-    ("::ffff:127.0.0.1", True), ("::ffff:10.0.0.7", False), ("0.0.0.0", False), ("::", False), ("10.0.0.7", False), ("db.example.com", False), ("", False),
-])
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("127.0.0.1", True),
+        ("127.3.2.1", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("::ffff:127.0.0.1", True),
+        ("::ffff:10.0.0.7", False),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("10.0.0.7", False),
+        ("db.example.com", False),
+        ("", False),
+    ],
+)
 def test_is_loopback(host: str, expected: bool) -> None:
     assert is_loopback(host) is expected
 
 
-@pytest.mark.parametrize(("address", "host"), [
-    ("127.0.0.1:50061", "127.0.0.1"), ("[::1]:50051", "::1"), ("redis://127.0.0.1:6390/0", "127.0.0.1"),
-    ("redis://:pw@10.1.2.3:6379/1", "10.1.2.3"), ("unix:/run/llmesh.sock", "localhost"), ("db.internal:6379", "db.internal"),
-])
+@pytest.mark.parametrize(
+    ("address", "host"),
+    [
+        ("127.0.0.1:50061", "127.0.0.1"),
+        ("[::1]:50051", "::1"),
+        ("redis://127.0.0.1:6390/0", "127.0.0.1"),
+        ("redis://:pw@10.1.2.3:6379/1", "10.1.2.3"),
+        ("unix:/run/llmesh.sock", "localhost"),
+        ("db.internal:6379", "db.internal"),
+    ],
+)
 def test_host_of(address: str, host: str) -> None:
     assert host_of(address) == host
 
@@ -142,7 +162,8 @@ def security_cfg(tmp_path: Path) -> tuple[MeshConfig, str]:
         await servicer.start()
         try:
             _, secret = await servicer.db.call(
-                lambda c: servicer.api_keys.create_sync(c, "alice", "", ["inference:*"], [], 0))
+                lambda c: servicer.api_keys.create_sync(c, "alice", "", ["inference:*"], [], 0)
+            )
             return secret
         finally:
             await servicer.close()
@@ -167,8 +188,11 @@ def test_secrets_at_rest_pass_on_a_fresh_security_state(security_cfg: tuple[Mesh
 def test_readable_master_key_fails(security_cfg: tuple[MeshConfig, str]) -> None:
     cfg, _ = security_cfg
     os.chmod(cfg.home / "security" / "master.key", 0o644)
-    assert ("fail", f"keyring master key {cfg.home / 'security' / 'master.key'} has mode 0644: readable by "
-                    "group/others (want 0600)") in security_store_findings(cfg)
+    assert (
+        "fail",
+        f"keyring master key {cfg.home / 'security' / 'master.key'} has mode 0644: readable by "
+        "group/others (want 0600)",
+    ) in security_store_findings(cfg)
 
 
 def test_plaintext_secret_value_fails_without_being_printed(security_cfg: tuple[MeshConfig, str]) -> None:
@@ -184,13 +208,16 @@ def test_plaintext_secret_column_fails(security_cfg: tuple[MeshConfig, str]) -> 
     cfg, _ = security_cfg
     with _db(cfg) as db:
         db.execute("ALTER TABLE api_keys ADD COLUMN secret TEXT")
-    assert ("fail", "columns that look like secrets but are not keyring-encrypted: api_keys.secret") \
-        in security_store_findings(cfg)
+    assert (
+        "fail",
+        "columns that look like secrets but are not keyring-encrypted: api_keys.secret",
+    ) in security_store_findings(cfg)
 
 
 # ---- no mesh running ------------------------------------------------------------------
-def test_report_without_a_mesh_fails_with_evidence_and_creates_nothing(tmp_path: Path,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_report_without_a_mesh_fails_with_evidence_and_creates_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     for k in [k for k in os.environ if k.startswith("LLMESH")]:
         monkeypatch.delenv(k)
     path = write_config(tmp_path)
@@ -202,9 +229,13 @@ def test_report_without_a_mesh_fails_with_evidence_and_creates_nothing(tmp_path:
     assert list(checks) == [fn.__name__ for fn in compliance.CHECKS]
     sec = f"127.0.0.1:{cfg.security.server.port}"
     assert checks["audit_log"]["status"] == "fail"
-    assert checks["audit_log"]["evidence"][0] == f"FAIL: security service unreachable at {sec}: audit chain not verified"
-    assert any(f"inference service unreachable at 127.0.0.1:{cfg.inference.server.port}" in e
-               for e in checks["access_control"]["evidence"])
+    assert (
+        checks["audit_log"]["evidence"][0] == f"FAIL: security service unreachable at {sec}: audit chain not verified"
+    )
+    assert any(
+        f"inference service unreachable at 127.0.0.1:{cfg.inference.server.port}" in e
+        for e in checks["access_control"]["evidence"]
+    )
     assert report["counts"]["fail"] >= 3
     assert not (tmp_path / "security").exists()  # read-only: no internal.key or database created
 
@@ -215,8 +246,11 @@ def test_security_db_readable_by_others_warns(security_cfg: tuple[MeshConfig, st
     os.chmod(folder / "security.db", 0o644)
     assert {s for s, _ in security_store_findings(cfg)} == {"pass"}  # private while the folder is 0700
     os.chmod(folder, 0o755)  # what happens when load_secret() creates the folder first
-    assert ("warn", f"{folder} has mode 0755 and security.db has mode 0644: key metadata and audit records are "
-                    "readable by other users") in security_store_findings(cfg)
+    assert (
+        "warn",
+        f"{folder} has mode 0755 and security.db has mode 0644: key metadata and audit records are "
+        "readable by other users",
+    ) in security_store_findings(cfg)
 
 
 def test_table_shows_evidence_literally(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from llmesh.runtime.config import ConfigError, load_config
+from llmesh.config import ConfigError, load_config
 
 
 def test_default_config_binds_loopback_and_has_peers() -> None:
@@ -13,8 +13,13 @@ def test_default_config_binds_loopback_and_has_peers() -> None:
 
 
 def test_env_overrides_nested_keys_and_home(tmp_path: Path) -> None:
-    cfg = load_config(env={"LLMESH__INFERENCE__SERVER__PORT": "7001", "LLMESH_HOME": str(tmp_path),
-                           "LLMESH__TRITON__MODELS": "[llm, clip]"})
+    cfg = load_config(
+        env={
+            "LLMESH__INFERENCE__SERVER__PORT": "7001",
+            "LLMESH_HOME": str(tmp_path),
+            "LLMESH__TRITON__MODELS": "[llm, clip]",
+        }
+    )
     assert cfg.inference.server.port == 7001
     assert cfg.home == tmp_path.resolve()
     assert cfg.triton.models == ["llm", "clip"]

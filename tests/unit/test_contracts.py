@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from llmesh.common.v1 import options_pb2
+from llmesh.pb.common.v1 import options_pb2
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = {
@@ -24,7 +24,7 @@ SERVICES = {
 
 
 def _service(pkg: str, name: str):  # type: ignore[no-untyped-def]
-    mod = importlib.import_module(f"llmesh.{pkg}.v1.{pkg}_pb2")
+    mod = importlib.import_module(f"llmesh.pb.{pkg}.v1.{pkg}_pb2")
     return mod.DESCRIPTOR.services_by_name[name]
 
 
@@ -41,28 +41,31 @@ IMPLEMENTED = {"inference", "security", "trainer"}
 
 def test_implemented_services_and_the_drafts_are_marked() -> None:
     for pkg in IMPLEMENTED:
-        assert all(m.GetOptions().Extensions[options_pb2.method_policy].implemented
-                   for m in _service(pkg, SERVICES[pkg]).methods)
+        assert all(
+            m.GetOptions().Extensions[options_pb2.method_policy].implemented
+            for m in _service(pkg, SERVICES[pkg]).methods
+        )
     for pkg, name in SERVICES.items():
         if pkg not in IMPLEMENTED:
-            assert not any(m.GetOptions().Extensions[options_pb2.method_policy].implemented
-                           for m in _service(pkg, name).methods)
+            assert not any(
+                m.GetOptions().Extensions[options_pb2.method_policy].implemented for m in _service(pkg, name).methods
+            )
 
 
 def test_sensitive_fields_are_marked() -> None:
-    from llmesh.inference.v1 import inference_pb2
+    from llmesh.pb.inference.v1 import inference_pb2
 
     prompt = inference_pb2.GenerateRequest.DESCRIPTOR.fields_by_name["prompt"]
     policy = prompt.GetOptions().Extensions[options_pb2.field_policy]
     assert policy.sensitivity == options_pb2.SENSITIVITY_PII and policy.reversible
-    from llmesh.security.v1 import security_pb2
+    from llmesh.pb.security.v1 import security_pb2
 
     secret = security_pb2.CreateApiKeyResponse.DESCRIPTOR.fields_by_name["secret"]
     assert secret.GetOptions().Extensions[options_pb2.field_policy].sensitivity == options_pb2.SENSITIVITY_SECRET
 
 
 async def test_drafted_services_answer_unimplemented() -> None:
-    from llmesh.embedding.v1 import embedding_pb2, embedding_pb2_grpc
+    from llmesh.pb.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 
     server = grpc.aio.server()
     embedding_pb2_grpc.add_EmbeddingServicer_to_server(embedding_pb2_grpc.EmbeddingServicer(), server)
@@ -71,7 +74,9 @@ async def test_drafted_services_answer_unimplemented() -> None:
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
             with pytest.raises(grpc.aio.AioRpcError) as e:
-                await embedding_pb2_grpc.EmbeddingStub(ch).EmbedText(embedding_pb2.EmbedTextRequest(texts=["x"]), timeout=5)
+                await embedding_pb2_grpc.EmbeddingStub(ch).EmbedText(
+                    embedding_pb2.EmbedTextRequest(texts=["x"]), timeout=5
+                )
         assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
         await server.stop(None)

@@ -38,9 +38,15 @@ def test_unexpected_exception_is_internal_without_leaking() -> None:
 def test_triton_tagged_errors_map_to_domain_errors() -> None:
     e = map_error(InferenceServerException("NOT_FOUND: adapter 'faq' not found"))
     assert isinstance(e, errors.NotFound) and e.name == "faq"
-    e = map_error(InferenceServerException("INVALID_ARGUMENT: max_tokens: prompt tokens (7) + max_tokens (2000) exceeds the context of 1024"))
+    e = map_error(
+        InferenceServerException(
+            "INVALID_ARGUMENT: max_tokens: prompt tokens (7) + max_tokens (2000) exceeds the context of 1024"
+        )
+    )
     assert isinstance(e, errors.InvalidArgument) and e.field == "sampling.max_tokens"
-    assert isinstance(map_error(InferenceServerException("Request for unknown model: 'llm' is not found")), errors.Unavailable)
+    assert isinstance(
+        map_error(InferenceServerException("Request for unknown model: 'llm' is not found")), errors.Unavailable
+    )
 
 
 def test_a_full_model_queue_is_resource_exhausted_with_retry() -> None:

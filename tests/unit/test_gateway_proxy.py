@@ -4,17 +4,17 @@ deadlines, cancellation, metadata and upstream errors pass through unchanged."""
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from llmesh.client import describe_error
-from llmesh.inference.v1 import inference_pb2 as ipb
-from llmesh.inference.v1 import inference_pb2_grpc as igrpc
-from llmesh.retrieval.v1 import retrieval_pb2 as rpb
-from llmesh.retrieval.v1 import retrieval_pb2_grpc as rgrpc
+from llmesh.pb.inference.v1 import inference_pb2 as ipb
+from llmesh.pb.inference.v1 import inference_pb2_grpc as igrpc
+from llmesh.pb.retrieval.v1 import retrieval_pb2 as rpb
+from llmesh.pb.retrieval.v1 import retrieval_pb2_grpc as rgrpc
 from llmesh.runtime.errors import InvalidArgument, ResourceExhausted
 from llmesh.runtime.interceptors import ErrorMappingInterceptor
 from llmesh.services.gateway.proxy import Forward, ProxyHandler, Upstreams, forwardable
@@ -26,15 +26,19 @@ class Inference(igrpc.InferenceServicer):
         self.seen: dict[str, object] = {}
         self.stream_cancelled = asyncio.Event()
 
-    async def Generate(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
+    async def Generate(self, request, context):  # type: ignore[no-untyped-def]
         if not request.prompt:
             raise InvalidArgument("prompt", "must not be empty")
         md = dict(context.invocation_metadata())
-        self.seen.update(deadline=context.time_remaining(), custom=md.get("x-custom"), auth=md.get("authorization"),
-                         traceparent=md.get("traceparent"))
+        self.seen.update(
+            deadline=context.time_remaining(),
+            custom=md.get("x-custom"),
+            auth=md.get("authorization"),
+            traceparent=md.get("traceparent"),
+        )
         return ipb.GenerateResponse(text=request.prompt.upper())
 
-    async def GenerateStream(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
+    async def GenerateStream(self, request, context):  # type: ignore[no-untyped-def]
         try:
             for i in range(1000):
                 yield ipb.GenerateStreamResponse(text_delta=str(i))
@@ -43,13 +47,13 @@ class Inference(igrpc.InferenceServicer):
             self.stream_cancelled.set()
             raise
 
-    async def Converse(self, request_iterator, context):  # type: ignore[no-untyped-def]  # noqa: N802
+    async def Converse(self, request_iterator, context):  # type: ignore[no-untyped-def]
         async for req in request_iterator:
             yield ipb.ChatStreamResponse(conversation_id="c", text_delta=req.message[::-1])
 
 
 class Retrieval(rgrpc.RetrievalServicer):
-    async def Ingest(self, request_iterator, context):  # type: ignore[no-untyped-def]  # noqa: N802
+    async def Ingest(self, request_iterator, context):  # type: ignore[no-untyped-def]
         header, size = None, 0
         async for part in request_iterator:
             if part.HasField("header"):
@@ -75,9 +79,11 @@ async def mesh():  # type: ignore[no-untyped-def]
     async def admit(route, context, body):  # type: ignore[no-untyped-def]
         gate = None
         if "x-refuse" in dict(context.invocation_metadata()):  # a check that fails after the call started
+
             async def refuse() -> None:
                 await asyncio.sleep(0.05)
                 raise ResourceExhausted("over the limit", retry_after_s=1)
+
             gate = asyncio.ensure_future(refuse())
         return Forward(forwardable(context.invocation_metadata()), gate=gate)
 
@@ -96,7 +102,8 @@ async def mesh():  # type: ignore[no-untyped-def]
 async def test_unary_with_metadata_and_deadline(mesh) -> None:  # type: ignore[no-untyped-def]
     inference, channel = mesh
     resp = await igrpc.InferenceStub(channel).Generate(
-        ipb.GenerateRequest(prompt="hi"), timeout=5, metadata=(("x-custom", "v"), ("authorization", "Bearer t")))
+        ipb.GenerateRequest(prompt="hi"), timeout=5, metadata=(("x-custom", "v"), ("authorization", "Bearer t"))
+    )
     assert resp.text == "HI"
     assert inference.seen["custom"] == "v"
     assert inference.seen["auth"] is None  # credentials stop at the gateway
@@ -107,7 +114,8 @@ async def test_trace_context_reaches_upstream(mesh) -> None:  # type: ignore[no-
     inference, channel = mesh
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
     await igrpc.InferenceStub(channel).Generate(
-        ipb.GenerateRequest(prompt="hi"), timeout=5, metadata=(("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01"),))
+        ipb.GenerateRequest(prompt="hi"), timeout=5, metadata=(("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01"),)
+    )
     assert inference.seen["traceparent"].split("-")[1] == trace_id  # same trace, the gateway's span as parent
 
 
@@ -162,7 +170,7 @@ async def test_unrouted_and_unimplemented_methods(mesh) -> None:  # type: ignore
         await rgrpc.RetrievalStub(channel).Search(rpb.SearchRequest(), timeout=5)
     assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
     # Not routed at all (no upstream configured for the trainer).
-    from llmesh.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+    from llmesh.pb.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await trainer_pb2_grpc.TrainerStub(channel).GetJob(trainer_pb2.GetJobRequest(job_id="j"), timeout=5)
@@ -181,4 +189,3 @@ async def test_a_failed_gate_releases_nothing_and_cancels_upstream(mesh) -> None
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await stub.Generate(ipb.GenerateRequest(prompt="x"), timeout=5, metadata=(("x-refuse", "1"),))
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-

@@ -8,8 +8,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from llmesh.inference.v1 import inference_pb2 as pb
-from llmesh.inference.v1 import inference_pb2_grpc as pb_grpc
+from llmesh.pb.inference.v1 import inference_pb2 as pb
+from llmesh.pb.inference.v1 import inference_pb2_grpc as pb_grpc
 from llmesh.runtime.errors import Unauthenticated
 from llmesh.runtime.identity import IDENTITY_KEY, IdentityInterceptor, InternalIdentity, Principal, load_secret
 
@@ -37,7 +37,7 @@ class Echo(pb_grpc.InferenceServicer):
     def __init__(self, ident: InternalIdentity) -> None:
         self.ident = ident
 
-    async def Generate(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
+    async def Generate(self, request, context):  # type: ignore[no-untyped-def]
         p = self.ident.principal(context)
         return pb.GenerateResponse(text=f"{p.subject}@{p.tenant}")
 
@@ -51,7 +51,9 @@ async def test_services_refuse_calls_without_identity(tmp_path: Path) -> None:
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
             stub = pb_grpc.InferenceStub(ch)
-            ok = await stub.Generate(pb.GenerateRequest(prompt="x"), metadata=((IDENTITY_KEY, ident.mint(ALICE)),), timeout=5)
+            ok = await stub.Generate(
+                pb.GenerateRequest(prompt="x"), metadata=((IDENTITY_KEY, ident.mint(ALICE)),), timeout=5
+            )
             assert ok.text == "alice@acme"
             for md in ((), ((IDENTITY_KEY, "forged"),), ((IDENTITY_KEY, InternalIdentity(b"k" * 32).mint(ALICE)),)):
                 with pytest.raises(grpc.aio.AioRpcError) as e:
@@ -63,7 +65,9 @@ async def test_services_refuse_calls_without_identity(tmp_path: Path) -> None:
             # A valid identity without the method's scope (inference:generate) is refused.
             reader = Principal("bob", "acme", frozenset({"inference:read"}))
             with pytest.raises(grpc.aio.AioRpcError) as e:
-                await stub.Generate(pb.GenerateRequest(prompt="x"), metadata=((IDENTITY_KEY, ident.mint(reader)),), timeout=5)
+                await stub.Generate(
+                    pb.GenerateRequest(prompt="x"), metadata=((IDENTITY_KEY, ident.mint(reader)),), timeout=5
+                )
             assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
     finally:
         await server.stop(None)

@@ -13,16 +13,12 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from llmesh.models import init_models  # noqa: E402
-from llmesh.models.demo import build_llm, faq_pairs, is_complete  # noqa: E402
+from llmesh.demo.models import init_models  # noqa: E402
+from llmesh.demo.models import build_llm, faq_pairs, is_complete  # noqa: E402
 
 
 def _digests(folder: pathlib.Path) -> dict[str, str]:
-    return {
-        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.iterdir())
-        if p.is_file()
-    }
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +54,8 @@ def test_build_twice_is_byte_identical(home: pathlib.Path, tmp_path: pathlib.Pat
 
 
 def test_llm_reload_identical_ids_and_logits(home: pathlib.Path, tmp_path: pathlib.Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = home / "models" / "tiny-qwen2"
     tok = AutoTokenizer.from_pretrained(path)
@@ -117,7 +113,7 @@ def test_tritonserver_locate_prepare_and_command(tmp_path: pathlib.Path) -> None
     import os
     import sys
 
-    from llmesh import tritonserver
+    from llmesh.launcher import tritonserver
 
     try:
         inst = tritonserver.locate()
@@ -130,15 +126,27 @@ def test_tritonserver_locate_prepare_and_command(tmp_path: pathlib.Path) -> None
     assert os.access(backends / "python" / "triton_python_backend_stub", os.X_OK)
     assert tritonserver.prepare_backends(tmp_path / "backends") == backends  # idempotent
     argv, env = tritonserver.server_command(
-        repo=tmp_path / "repo", backends=backends, grpc_port=1, http_port=2, metrics_port=3,
-        models=["llm", "clip"], env_extra={"LLMESH_HOME": "/h"},
+        repo=tmp_path / "repo",
+        backends=backends,
+        grpc_port=1,
+        http_port=2,
+        metrics_port=3,
+        models=["llm", "clip"],
+        env_extra={"LLMESH_HOME": "/h"},
     )
     assert argv[0] == str(inst.binary)
     for flag in (
-        "--model-control-mode=explicit", "--load-model=llm", "--load-model=clip",
-        "--disable-auto-complete-config", "--grpc-address=127.0.0.1", "--http-address=127.0.0.1",
-        "--metrics-address=127.0.0.1", "--allow-gpu-metrics=false", "--grpc-port=1",
-        "--backend-config=python,shm-default-byte-size=16777216", "--exit-timeout-secs=10",
+        "--model-control-mode=explicit",
+        "--load-model=llm",
+        "--load-model=clip",
+        "--disable-auto-complete-config",
+        "--grpc-address=127.0.0.1",
+        "--http-address=127.0.0.1",
+        "--metrics-address=127.0.0.1",
+        "--allow-gpu-metrics=false",
+        "--grpc-port=1",
+        "--backend-config=python,shm-default-byte-size=16777216",
+        "--exit-timeout-secs=10",
         "--log-verbose=0",
     ):
         assert flag in argv, flag
@@ -225,14 +233,21 @@ def _fake_pb_utils():  # type: ignore[no-untyped-def]
         def __init__(self, name: str, description: str, kind: str) -> None:
             self.name = name
 
-        def Metric(self, labels: dict[str, str]):  # type: ignore[no-untyped-def]  # noqa: N802 (Triton's name)
+        def Metric(self, labels: dict[str, str]):  # type: ignore[no-untyped-def]
             return _FakeMetric()
 
     def get_input_tensor_by_name(request: _FakeRequest, name: str):  # type: ignore[no-untyped-def]
         if name not in request.inputs:
             return None
-        dtypes = {"max_tokens": np.int32, "top_k": np.int32, "seed": np.int64, "stream": np.bool_,
-                  "temperature": np.float32, "top_p": np.float32, "repetition_penalty": np.float32}
+        dtypes = {
+            "max_tokens": np.int32,
+            "top_k": np.int32,
+            "seed": np.int64,
+            "stream": np.bool_,
+            "temperature": np.float32,
+            "top_p": np.float32,
+            "repetition_penalty": np.float32,
+        }
         v = request.inputs[name]
         arr = np.array([[v.encode() if isinstance(v, str) else v]], dtype=dtypes.get(name, np.object_))
         return Tensor(name, arr)
@@ -258,9 +273,15 @@ def llm_model(home: pathlib.Path):  # type: ignore[no-untyped-def]
     spec.loader.exec_module(mod)  # type: ignore[union-attr]
     os.environ["LLMESH_LLM_PATH"] = str(home / "models" / "tiny-qwen2")
     os.environ["LLMESH_HOME"] = str(home)
-    params = {k: {"string_value": v} for k, v in {
-        "model_path": "${LLMESH_LLM_PATH}", "adapter_dir": "${LLMESH_HOME}/adapters",
-        "adapter_cache_size": "8", "threads": "2"}.items()}
+    params = {
+        k: {"string_value": v}
+        for k, v in {
+            "model_path": "${LLMESH_LLM_PATH}",
+            "adapter_dir": "${LLMESH_HOME}/adapters",
+            "adapter_cache_size": "8",
+            "threads": "2",
+        }.items()
+    }
     m = mod.TritonPythonModel()
     m.initialize({"model_config": json.dumps({"parameters": params})})
     return m
@@ -283,12 +304,15 @@ def _results(reqs: list[_FakeRequest]) -> list[dict[str, object]]:
         if final is not None and final.error is not None:
             out.append({"error": final.error.msg, "code": final.error.code})
             continue
-        text = "".join(
-            resp.outputs["text"].decode() for resp, _ in r.sender.sent if resp is not None
+        text = "".join(resp.outputs["text"].decode() for resp, _ in r.sender.sent if resp is not None)
+        out.append(
+            {
+                "text": text,
+                "finish": final.outputs["finish_reason"].decode(),
+                "completion_tokens": int(final.outputs["completion_tokens"]),
+                "chunks": len(r.sender.sent),
+            }
         )
-        out.append({"text": text, "finish": final.outputs["finish_reason"].decode(),
-                    "completion_tokens": int(final.outputs["completion_tokens"]),
-                    "chunks": len(r.sender.sent)})
     return out
 
 
@@ -296,8 +320,15 @@ def test_model_batched_equals_solo_and_stream(llm_model) -> None:  # type: ignor
     reqs = [
         {"prompt": "How do I reset my password?", "max_tokens": 20, "temperature": 0.8, "seed": 7},
         {"prompt": "如何重置密码？", "max_tokens": 12, "temperature": 0.0},
-        {"messages_json": '[{"role":"user","content":"VPN 连不上怎么办？"}]', "max_tokens": 30,
-         "temperature": 1.0, "top_k": 50, "top_p": 0.9, "repetition_penalty": 1.3, "seed": 3},
+        {
+            "messages_json": '[{"role":"user","content":"VPN 连不上怎么办？"}]',
+            "max_tokens": 30,
+            "temperature": 1.0,
+            "top_k": 50,
+            "top_p": 0.9,
+            "repetition_penalty": 1.3,
+            "seed": 3,
+        },
     ]
     batched = _run(llm_model, *reqs)
     for req, got in zip(reqs, batched):
@@ -330,8 +361,10 @@ def test_model_errors_and_stop(llm_model) -> None:  # type: ignore[no-untyped-de
     full = _run(llm_model, {"prompt": "hello", "max_tokens": 24, "temperature": 0.0})[0]["text"]
     stop = full[4:6]
     for stream in (False, True):
-        got = _run(llm_model, {"prompt": "hello", "max_tokens": 24, "temperature": 0.0,
-                               "stop_json": f'["{stop}"]', "stream": stream})[0]
+        got = _run(
+            llm_model,
+            {"prompt": "hello", "max_tokens": 24, "temperature": 0.0, "stop_json": f'["{stop}"]', "stream": stream},
+        )[0]
         assert got["text"] == full[: full.find(stop)] and got["finish"] == "stop"
 
 
@@ -411,8 +444,10 @@ def test_model_finalize_fails_pending_requests(home: pathlib.Path) -> None:  # t
     spec = importlib.util.spec_from_file_location("llmesh_triton_llm_model_2", path)
     mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    params = {"model_path": {"string_value": str(home / "models" / "tiny-qwen2")},
-              "adapter_dir": {"string_value": str(home / "adapters")}}
+    params = {
+        "model_path": {"string_value": str(home / "models" / "tiny-qwen2")},
+        "adapter_dir": {"string_value": str(home / "adapters")},
+    }
     m = mod.TritonPythonModel()
     m.initialize({"model_config": json.dumps({"parameters": params, "max_batch_size": 1})})
     reqs = [_FakeRequest({"prompt": "hello", "max_tokens": 1000, "temperature": 1.0}) for _ in range(4)]

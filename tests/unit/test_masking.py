@@ -141,7 +141,7 @@ MASK_CASES = [
 
 @pytest.mark.parametrize(("value", "masked"), MASK_CASES)
 def test_mask_operator(value: str, masked: str) -> None:
-    m = Masker(operators={e: Operator.MASK for e in ("cn_mobile", "cn_id", "bank_card", "email")})
+    m = Masker(operators=dict.fromkeys(("cn_mobile", "cn_id", "bank_card", "email"), Operator.MASK))
     assert m.mask(f"x {value} y")[0] == f"x {masked} y"
 
 
@@ -249,7 +249,9 @@ def test_operator_defined_rule() -> None:
     assert out == "工号[EMPLOYEE_ID], 工单<TICKET_1> <TICKET_1>, P-***D"
     assert [f.entity for f in findings] == ["employee_id", "ticket", "ticket", "project"]
     assert vault.restore("see <TICKET_1>") == "see TK123456"
-    overridden = Masker(rules=[Rule("ticket", r"TK[0-9]{6}", Operator.PSEUDONYMIZE)], operators={"ticket": Operator.REDACT})
+    overridden = Masker(
+        rules=[Rule("ticket", r"TK[0-9]{6}", Operator.PSEUDONYMIZE)], operators={"ticket": Operator.REDACT}
+    )
     assert overridden.mask("TK123456")[0] == "[TICKET]"
 
 
@@ -290,7 +292,7 @@ MIXED = (
 @pytest.mark.parametrize("op", list(Operator))
 def test_idempotent(op: Operator) -> None:
     m = Masker(
-        operators={e: op for e in ("cn_mobile", "cn_id", "bank_card", "email", "ip")},
+        operators=dict.fromkeys(("cn_mobile", "cn_id", "bank_card", "email", "ip"), op),
         rules=[Rule("ticket", r"TK[0-9]{6}", op)],
         hash_key=b"k",
     )
@@ -308,7 +310,7 @@ def test_finding_is_frozen() -> None:
 
 
 def test_placeholders_split_across_stream_deltas_are_restored(masker: Masker) -> None:
-    from llmesh.inference.v1 import inference_pb2 as ipb
+    from llmesh.pb.inference.v1 import inference_pb2 as ipb
     from llmesh.services.gateway.fields import StreamRestorer
 
     vault = Vault()

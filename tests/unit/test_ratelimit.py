@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis.asyncio as aioredis
 
 from llmesh.runtime.errors import ResourceExhausted, Unauthenticated, Unavailable
-from llmesh.sandbox import RedisServer
+from tests.support.sandbox import RedisServer
 from llmesh.services.gateway.ratelimit import DEFAULT_FAIL_OPEN, Limit, RateLimiter
 
 
@@ -180,7 +180,7 @@ async def test_redis_down_then_back_on_same_port() -> None:
                 await asyncio.sleep(0.05)
         assert not lim.backend_down
         results = [await outcome(lim, "hank", "write") for _ in range(6)]
-        assert results == [True] * 4 + [False]  * 2  # limits enforced again (1 + 4 == 5)
+        assert results == [True] * 4 + [False] * 2  # limits enforced again (1 + 4 == 5)
         await lim.debit("hank", 600)
         with pytest.raises(ResourceExhausted):
             await lim.check_tokens("hank")

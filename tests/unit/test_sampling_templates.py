@@ -1,6 +1,6 @@
 import pytest
 
-from llmesh.common.v1 import types_pb2
+from llmesh.pb.common.v1 import types_pb2
 from llmesh.runtime.errors import InvalidArgument, NotFound
 from llmesh.services.inference.sampling import Sampling
 from llmesh.services.inference.templates import TemplateLibrary
@@ -12,12 +12,21 @@ def sampling(**kw: object) -> Sampling:
 
 def test_defaults() -> None:
     s = sampling()
-    assert (s.temperature, s.top_p, s.top_k, s.max_tokens, s.seed, s.repetition_penalty) == (1.0, 1.0, 0, 128, None, 1.0)
+    assert (s.temperature, s.top_p, s.top_k, s.max_tokens, s.seed, s.repetition_penalty) == (
+        1.0,
+        1.0,
+        0,
+        128,
+        None,
+        1.0,
+    )
 
 
 def test_request_values_win_over_template_defaults() -> None:
     defaults = types_pb2.SamplingParams(temperature=0.0, max_tokens=16, stop=["x"])
-    s = Sampling.from_pb(types_pb2.SamplingParams(max_tokens=4), default_max_tokens=128, max_tokens_limit=512, defaults=defaults)
+    s = Sampling.from_pb(
+        types_pb2.SamplingParams(max_tokens=4), default_max_tokens=128, max_tokens_limit=512, defaults=defaults
+    )
     assert (s.temperature, s.max_tokens, s.stop) == (0.0, 4, ("x",))
 
 
@@ -46,8 +55,16 @@ def test_out_of_range_names_the_field(kw: dict, field: str) -> None:
 
 def test_bundled_library_has_the_seed_patterns() -> None:
     names = {t.name for t in TemplateLibrary.load()}
-    assert {"classification", "summarization", "translation", "sentiment", "entity_extraction",
-            "chain_of_thought", "expert", "assistant"} <= names
+    assert {
+        "classification",
+        "summarization",
+        "translation",
+        "sentiment",
+        "entity_extraction",
+        "chain_of_thought",
+        "expert",
+        "assistant",
+    } <= names
 
 
 def test_render_and_strict_variables() -> None:

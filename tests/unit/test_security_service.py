@@ -14,9 +14,9 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator
 
 import grpc
 import jwt
@@ -25,13 +25,13 @@ import pytest_asyncio
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from llmesh.common.v1 import options_pb2
-from llmesh.runtime.config import ConfigError, MeshConfig, load_config
+from llmesh.pb.common.v1 import options_pb2
+from llmesh.pb.security.v1 import security_pb2 as pb
+from llmesh.pb.security.v1 import security_pb2_grpc as pb_grpc
+from llmesh.config import ConfigError, MeshConfig, load_config
 from llmesh.runtime.errors import Unauthenticated
 from llmesh.runtime.interceptors import ErrorMappingInterceptor
-from llmesh.sandbox import free_ports
-from llmesh.security.v1 import security_pb2 as pb
-from llmesh.security.v1 import security_pb2_grpc as pb_grpc
+from tests.support.sandbox import free_ports
 from llmesh.services.security.__main__ import build
 
 Code = grpc.StatusCode
@@ -57,7 +57,9 @@ class Running:
 
 
 @contextlib.asynccontextmanager
-async def running(home: Path, *, warm: bool = True, gateway: dict | None = None, **security: object) -> AsyncIterator[Running]:
+async def running(
+    home: Path, *, warm: bool = True, gateway: dict | None = None, **security: object
+) -> AsyncIterator[Running]:
     cfg = mesh_config(home, gateway, **security)
     svc = build(cfg)
     server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()])
@@ -89,8 +91,12 @@ async def expect(code: grpc.StatusCode, call) -> grpc.aio.AioRpcError:  # type: 
     return e.value
 
 
-async def new_key(stub: pb_grpc.SecurityStub, owner: str = "alice", scopes: tuple[str, ...] = ("inference:generate", "embedding:embed"),
-                  **kw: object) -> pb.CreateApiKeyResponse:
+async def new_key(
+    stub: pb_grpc.SecurityStub,
+    owner: str = "alice",
+    scopes: tuple[str, ...] = ("inference:generate", "embedding:embed"),
+    **kw: object,
+) -> pb.CreateApiKeyResponse:
     return await stub.CreateApiKey(pb.CreateApiKeyRequest(owner=owner, scopes=scopes, roles=["user"], **kw))
 
 
@@ -98,8 +104,14 @@ async def verify(stub: pb_grpc.SecurityStub, token: str, cfg: MeshConfig) -> dic
     jwks = jwt.PyJWKSet.from_json((await stub.GetJwks(pb.GetJwksRequest())).jwks_json)
     kid = jwt.get_unverified_header(token)["kid"]
     key = next(k for k in jwks.keys if k.key_id == kid)
-    return jwt.decode(token, key, algorithms=["ES256", "RS256"], audience=cfg.security.audience,
-                      issuer=cfg.security.issuer, options={"require": ["exp", "iat", "nbf", "sub"]})
+    return jwt.decode(
+        token,
+        key,
+        algorithms=["ES256", "RS256"],
+        audience=cfg.security.audience,
+        issuer=cfg.security.issuer,
+        options={"require": ["exp", "iat", "nbf", "sub"]},
+    )
 
 
 # ---- contract and config ------------------------------------------------------------
@@ -110,7 +122,9 @@ def test_every_rpc_is_implemented_with_a_policy() -> None:
     for m in methods:
         policy = m.GetOptions().Extensions[options_pb2.method_policy]
         assert policy.implemented and (policy.scope or policy.anonymous), m.name
-    secret = pb.GetApiKeySecretResponse.DESCRIPTOR.fields_by_name["secret"].GetOptions().Extensions[options_pb2.field_policy]
+    secret = (
+        pb.GetApiKeySecretResponse.DESCRIPTOR.fields_by_name["secret"].GetOptions().Extensions[options_pb2.field_policy]
+    )
     assert secret.sensitivity == options_pb2.SENSITIVITY_SECRET
     get_secret = pb.DESCRIPTOR.services_by_name["Security"].methods_by_name["GetApiKeySecret"]
     assert get_secret.GetOptions().Extensions[options_pb2.method_policy].scope == "security:internal"
@@ -120,8 +134,14 @@ def test_config_without_security_section_gets_defaults(tmp_path: Path) -> None:
     p = tmp_path / "old.yaml"
     p.write_text("inference:\n  chat_ttl_seconds: 5\n")
     s = load_config(p, env={}).security
-    assert (s.server.port, s.server.metrics_port, s.issuer, s.audience, s.token_ttl_seconds, s.signing_algorithm) == \
-        (50062, 9462, "llmesh", "llmesh-gateway", 900, "ES256")
+    assert (s.server.port, s.server.metrics_port, s.issuer, s.audience, s.token_ttl_seconds, s.signing_algorithm) == (
+        50062,
+        9462,
+        "llmesh",
+        "llmesh-gateway",
+        900,
+        "ES256",
+    )
 
 
 # ---- API keys ----------------------------------------------------------------------
@@ -129,8 +149,13 @@ async def test_api_key_create_list_rotate_revoke(sec: Running) -> None:
     created = await new_key(sec.stub, owner="bob", tenant="acme", ttl_days=30)
     k = created.key
     assert re.fullmatch(r"lk_[0-9a-f]{32}", k.key_id) and len(created.secret) >= 43
-    assert (k.owner, k.tenant, list(k.scopes), list(k.roles), k.revoked) == \
-        ("bob", "acme", ["embedding:embed", "inference:generate"], ["user"], False)
+    assert (k.owner, k.tenant, list(k.scopes), list(k.roles), k.revoked) == (
+        "bob",
+        "acme",
+        ["embedding:embed", "inference:generate"],
+        ["user"],
+        False,
+    )
     assert 29.9 * 86400 < k.expires_at.seconds - k.created_at.seconds <= 30 * 86400
 
     listed = await sec.stub.ListApiKeys(pb.ListApiKeysRequest(owner="bob"))
@@ -144,7 +169,9 @@ async def test_api_key_create_list_rotate_revoke(sec: Running) -> None:
 
     rotated = await sec.stub.RotateApiKey(pb.RotateApiKeyRequest(key_id=k.key_id))
     assert rotated.key.key_id == k.key_id and rotated.secret != created.secret and rotated.key.HasField("rotated_at")
-    await expect(Code.UNAUTHENTICATED, sec.stub.IssueToken(pb.IssueTokenRequest(key_id=k.key_id, secret=created.secret)))
+    await expect(
+        Code.UNAUTHENTICATED, sec.stub.IssueToken(pb.IssueTokenRequest(key_id=k.key_id, secret=created.secret))
+    )
     assert (await sec.stub.IssueToken(pb.IssueTokenRequest(key_id=k.key_id, secret=rotated.secret))).token
     assert (await sec.stub.GetApiKeySecret(pb.GetApiKeySecretRequest(key_id=k.key_id))).secret == rotated.secret
 
@@ -177,15 +204,24 @@ async def test_issue_token_claims_and_errors(sec: Running) -> None:
     assert claims["exp"] - claims["iat"] == 60 and claims["nbf"] == claims["iat"]
     assert claims["exp"] == resp.expires_at.seconds and jwt.get_unverified_header(resp.token)["kid"] == resp.kid
 
-    narrowed = await sec.stub.IssueToken(pb.IssueTokenRequest(key_id=kid, secret=created.secret, scopes=["inference:generate"],
-                                                              ttl_seconds=10**6))
+    narrowed = await sec.stub.IssueToken(
+        pb.IssueTokenRequest(key_id=kid, secret=created.secret, scopes=["inference:generate"], ttl_seconds=10**6)
+    )
     c2 = await verify(sec.stub, narrowed.token, sec.cfg)
     assert c2["scopes"] == ["inference:generate"] and c2["exp"] - c2["iat"] == 600  # capped at the configured max
 
-    await expect(Code.PERMISSION_DENIED, sec.stub.IssueToken(pb.IssueTokenRequest(
-        key_id=kid, secret=created.secret, scopes=["inference:generate", "security:admin"])))
-    await expect(Code.UNAUTHENTICATED, sec.stub.IssueToken(pb.IssueTokenRequest(key_id=kid, secret=created.secret + "x")))
-    await expect(Code.UNAUTHENTICATED, sec.stub.IssueToken(pb.IssueTokenRequest(key_id="lk_" + "0" * 32, secret="whatever")))
+    await expect(
+        Code.PERMISSION_DENIED,
+        sec.stub.IssueToken(
+            pb.IssueTokenRequest(key_id=kid, secret=created.secret, scopes=["inference:generate", "security:admin"])
+        ),
+    )
+    await expect(
+        Code.UNAUTHENTICATED, sec.stub.IssueToken(pb.IssueTokenRequest(key_id=kid, secret=created.secret + "x"))
+    )
+    await expect(
+        Code.UNAUTHENTICATED, sec.stub.IssueToken(pb.IssueTokenRequest(key_id="lk_" + "0" * 32, secret="whatever"))
+    )
     await sec.stub.RevokeApiKey(pb.RevokeApiKeyRequest(key_id=kid))
     await expect(Code.FAILED_PRECONDITION, sec.stub.IssueToken(pb.IssueTokenRequest(key_id=kid, secret=created.secret)))
 
@@ -215,10 +251,16 @@ async def test_hs256_development_mode(tmp_path: Path) -> None:
 
 async def test_wildcard_scope_covers_its_prefix(sec: Running) -> None:
     created = await new_key(sec.stub, owner="erin", scopes=("inference:*",))
-    r = await sec.stub.IssueToken(pb.IssueTokenRequest(key_id=created.key.key_id, secret=created.secret, scopes=["inference:generate"]))
+    r = await sec.stub.IssueToken(
+        pb.IssueTokenRequest(key_id=created.key.key_id, secret=created.secret, scopes=["inference:generate"])
+    )
     assert list(r.scopes) == ["inference:generate"]
-    await expect(Code.PERMISSION_DENIED, sec.stub.IssueToken(pb.IssueTokenRequest(
-        key_id=created.key.key_id, secret=created.secret, scopes=["embedding:embed"])))
+    await expect(
+        Code.PERMISSION_DENIED,
+        sec.stub.IssueToken(
+            pb.IssueTokenRequest(key_id=created.key.key_id, secret=created.secret, scopes=["embedding:embed"])
+        ),
+    )
 
 
 async def test_signing_key_rotation_keeps_old_tokens_verifiable(sec: Running) -> None:
@@ -251,7 +293,8 @@ async def test_retired_signing_keys_leave_the_jwks(tmp_path: Path) -> None:
         servicer_jwks = json.loads((await r.stub.GetJwks(pb.GetJwksRequest())).jwks_json)
         assert first in {k["kid"] for k in servicer_jwks["keys"]}
     # Retirement is ttl + 60 s of clock skew: check it through the issuer's clock argument.
-    from llmesh.services.security.server import SecurityServicer
+    from llmesh.services.security.servicer import SecurityServicer
+
     s = SecurityServicer(mesh_config(tmp_path, token_ttl_seconds=1).security, tmp_path / "security")
     await s.start()
     try:
@@ -265,13 +308,21 @@ async def test_retired_signing_keys_leave_the_jwks(tmp_path: Path) -> None:
 # ---- encryption ---------------------------------------------------------------------
 async def test_encrypt_decrypt_rotate_rewrap(sec: Running) -> None:
     ct = await sec.stub.Encrypt(pb.EncryptRequest(plaintext=b"hello \xe4\xbd\xa0", associated_data=b"doc:1"))
-    assert ct.ciphertext[0] == len(ct.key_version) and ct.ciphertext[1:1 + ct.ciphertext[0]].decode() == ct.key_version
-    assert (await sec.stub.Decrypt(pb.DecryptRequest(ciphertext=ct.ciphertext, associated_data=b"doc:1"))).plaintext == b"hello \xe4\xbd\xa0"
-    await expect(Code.INVALID_ARGUMENT, sec.stub.Decrypt(pb.DecryptRequest(ciphertext=ct.ciphertext, associated_data=b"doc:2")))
+    assert (
+        ct.ciphertext[0] == len(ct.key_version) and ct.ciphertext[1 : 1 + ct.ciphertext[0]].decode() == ct.key_version
+    )
+    assert (
+        await sec.stub.Decrypt(pb.DecryptRequest(ciphertext=ct.ciphertext, associated_data=b"doc:1"))
+    ).plaintext == b"hello \xe4\xbd\xa0"
+    await expect(
+        Code.INVALID_ARGUMENT, sec.stub.Decrypt(pb.DecryptRequest(ciphertext=ct.ciphertext, associated_data=b"doc:2"))
+    )
     await expect(Code.INVALID_ARGUMENT, sec.stub.Decrypt(pb.DecryptRequest(ciphertext=ct.ciphertext)))
     tampered = bytearray(ct.ciphertext)
     tampered[-1] ^= 1
-    await expect(Code.INVALID_ARGUMENT, sec.stub.Decrypt(pb.DecryptRequest(ciphertext=bytes(tampered), associated_data=b"doc:1")))
+    await expect(
+        Code.INVALID_ARGUMENT, sec.stub.Decrypt(pb.DecryptRequest(ciphertext=bytes(tampered), associated_data=b"doc:1"))
+    )
     empty = await sec.stub.Encrypt(pb.EncryptRequest(plaintext=b""))
     assert (await sec.stub.Decrypt(pb.DecryptRequest(ciphertext=empty.ciphertext))).plaintext == b""
 
@@ -286,28 +337,47 @@ async def test_encrypt_decrypt_rotate_rewrap(sec: Running) -> None:
     assert (rw.previous_key_version, rw.key_version) == (ct.key_version, rot.key_version)
     back = await sec.stub.Decrypt(pb.DecryptRequest(ciphertext=rw.ciphertext, associated_data=b"doc:1"))
     assert back.plaintext == b"hello \xe4\xbd\xa0" and back.key_version == rot.key_version
-    await expect(Code.INVALID_ARGUMENT, sec.stub.Rewrap(pb.RewrapRequest(ciphertext=ct.ciphertext, associated_data=b"nope")))
+    await expect(
+        Code.INVALID_ARGUMENT, sec.stub.Rewrap(pb.RewrapRequest(ciphertext=ct.ciphertext, associated_data=b"nope"))
+    )
 
     # The service's own secrets were re-wrapped and still work.
     assert (await sec.stub.IssueToken(pb.IssueTokenRequest(key_id=key.key.key_id, secret=key.secret))).token
     with sqlite3.connect(sec.db_path) as conn:
         stored = conn.execute("SELECT secret_ct FROM api_keys WHERE key_id = ?", (key.key.key_id,)).fetchone()[0]
-    assert stored[1:1 + stored[0]].decode() == rot.key_version
+    assert stored[1 : 1 + stored[0]].decode() == rot.key_version
 
 
 # ---- audit --------------------------------------------------------------------------
 async def _append(stub: pb_grpc.SecurityStub, n: int) -> list[pb.AuditRecord]:
-    out = [await stub.AppendAudit(pb.AppendAuditRequest(actor=f"user{i % 2}", action="inference.generate" if i % 3 else "keys.create",
-                                                        resource=f"r{i}", outcome="ok", attributes={"i": str(i), "ip": "10.0.0.1"}))
-           for i in range(n)]
+    out = [
+        await stub.AppendAudit(
+            pb.AppendAuditRequest(
+                actor=f"user{i % 2}",
+                action="inference.generate" if i % 3 else "keys.create",
+                resource=f"r{i}",
+                outcome="ok",
+                attributes={"i": str(i), "ip": "10.0.0.1"},
+            )
+        )
+        for i in range(n)
+    ]
     return out
 
 
 async def test_audit_chain_detects_edit_delete_and_reorder(tmp_path: Path) -> None:
     async with running(tmp_path) as r:
         recs = await _append(r.stub, 5)
-        batch = await r.stub.AppendAuditBatch(pb.AppendAuditBatchRequest(records=[
-            pb.AppendAuditRequest(actor="gateway", action="http.request", outcome="ok", attributes={"n": str(i)}) for i in range(3)]))
+        batch = await r.stub.AppendAuditBatch(
+            pb.AppendAuditBatchRequest(
+                records=[
+                    pb.AppendAuditRequest(
+                        actor="gateway", action="http.request", outcome="ok", attributes={"n": str(i)}
+                    )
+                    for i in range(3)
+                ]
+            )
+        )
         recs += list(batch.records)
         assert [x.sequence for x in recs] == list(range(1, 9))
         assert recs[0].prev_hash == "0" * 64
@@ -333,19 +403,31 @@ async def test_audit_chain_detects_edit_delete_and_reorder(tmp_path: Path) -> No
             db.execute("UPDATE audit SET outcome = 'ok' WHERE sequence = 4")
             assert (await r.stub.VerifyAuditChain(pb.VerifyAuditChainRequest())).intact
             # edit the attributes JSON
-            db.execute("UPDATE audit SET attributes = '{\"i\":\"9\",\"ip\":\"10.0.0.1\"}' WHERE sequence = 3")
+            db.execute('UPDATE audit SET attributes = \'{"i":"9","ip":"10.0.0.1"}\' WHERE sequence = 3')
             assert (await r.stub.VerifyAuditChain(pb.VerifyAuditChainRequest())).first_bad_sequence == 3
-            db.execute("UPDATE audit SET attributes = '{\"i\":\"2\",\"ip\":\"10.0.0.1\"}' WHERE sequence = 3")
+            db.execute('UPDATE audit SET attributes = \'{"i":"2","ip":"10.0.0.1"}\' WHERE sequence = 3')
             # reorder: swap the contents of records 5 and 6
-            rows = {s: db.execute("SELECT time_us, actor, action, resource, outcome, attributes, prev_hash, hash FROM audit "
-                                  "WHERE sequence = ?", (s,)).fetchone() for s in (5, 6)}
+            rows = {
+                s: db.execute(
+                    "SELECT time_us, actor, action, resource, outcome, attributes, prev_hash, hash FROM audit "
+                    "WHERE sequence = ?",
+                    (s,),
+                ).fetchone()
+                for s in (5, 6)
+            }
             for s, other in ((5, 6), (6, 5)):
-                db.execute("UPDATE audit SET time_us=?, actor=?, action=?, resource=?, outcome=?, attributes=?, prev_hash=?, hash=? "
-                           "WHERE sequence = ?", (*rows[other], s))
+                db.execute(
+                    "UPDATE audit SET time_us=?, actor=?, action=?, resource=?, outcome=?, attributes=?, prev_hash=?, hash=? "
+                    "WHERE sequence = ?",
+                    (*rows[other], s),
+                )
             assert (await r.stub.VerifyAuditChain(pb.VerifyAuditChainRequest())).first_bad_sequence == 5
             for s in (5, 6):
-                db.execute("UPDATE audit SET time_us=?, actor=?, action=?, resource=?, outcome=?, attributes=?, prev_hash=?, hash=? "
-                           "WHERE sequence = ?", (*rows[s], s))
+                db.execute(
+                    "UPDATE audit SET time_us=?, actor=?, action=?, resource=?, outcome=?, attributes=?, prev_hash=?, hash=? "
+                    "WHERE sequence = ?",
+                    (*rows[s], s),
+                )
             assert (await r.stub.VerifyAuditChain(pb.VerifyAuditChainRequest())).intact
             # delete a row in the middle, then the tail
             db.execute("DELETE FROM audit WHERE sequence = 6")
@@ -364,11 +446,26 @@ async def test_masking_rules(sec: Running) -> None:
     by = {r.name: r for r in rules.rules}
     assert list(by) == ["cn_mobile", "cn_id", "bank_card", "email", "ipv4", "ipv6"] and rules.version
     assert {n: (r.operator, r.reversible) for n, r in by.items()} == {
-        "cn_mobile": ("pseudonymize", True), "cn_id": ("pseudonymize", True), "bank_card": ("pseudonymize", True),
-        "email": ("pseudonymize", True), "ipv4": ("mask", False), "ipv6": ("mask", False)}
-    assert (by["cn_id"].validator, by["bank_card"].validator, by["cn_mobile"].label) == ("cn_id_checksum", "luhn", "PHONE")
-    samples = {"cn_mobile": "电话+86 138-1234-5678谢谢", "cn_id": "身份证11010519491231002X", "bank_card": "卡号 6222 0212 3456 7890",
-               "email": "mail a.b+c@example.com.", "ipv4": "from 192.168.1.20.", "ipv6": "addr 2001:db8::1 ok"}
+        "cn_mobile": ("pseudonymize", True),
+        "cn_id": ("pseudonymize", True),
+        "bank_card": ("pseudonymize", True),
+        "email": ("pseudonymize", True),
+        "ipv4": ("mask", False),
+        "ipv6": ("mask", False),
+    }
+    assert (by["cn_id"].validator, by["bank_card"].validator, by["cn_mobile"].label) == (
+        "cn_id_checksum",
+        "luhn",
+        "PHONE",
+    )
+    samples = {
+        "cn_mobile": "电话+86 138-1234-5678谢谢",
+        "cn_id": "身份证11010519491231002X",
+        "bank_card": "卡号 6222 0212 3456 7890",
+        "email": "mail a.b+c@example.com.",
+        "ipv4": "from 192.168.1.20.",
+        "ipv6": "addr 2001:db8::1 ok",
+    }
     for name, text in samples.items():
         assert re.search(by[name].pattern, text), name
     assert not re.search(by["cn_mobile"].pattern, "138123456789")
@@ -376,40 +473,52 @@ async def test_masking_rules(sec: Running) -> None:
 
 
 # ---- bad input ----------------------------------------------------------------------
-@pytest.mark.parametrize(("method", "request_", "code"), [
-    ("CreateApiKey", pb.CreateApiKeyRequest(scopes=["a:b"]), Code.INVALID_ARGUMENT),
-    ("CreateApiKey", pb.CreateApiKeyRequest(owner="x y", scopes=["a:b"]), Code.INVALID_ARGUMENT),
-    ("CreateApiKey", pb.CreateApiKeyRequest(owner="x"), Code.INVALID_ARGUMENT),
-    ("CreateApiKey", pb.CreateApiKeyRequest(owner="x", scopes=["Bad Scope"]), Code.INVALID_ARGUMENT),
-    ("CreateApiKey", pb.CreateApiKeyRequest(owner="x", scopes=["a:b"], ttl_days=100000), Code.INVALID_ARGUMENT),
-    ("CreateApiKey", pb.CreateApiKeyRequest(owner="x", scopes=["a:b"], tenant="t/1"), Code.INVALID_ARGUMENT),
-    ("ListApiKeys", pb.ListApiKeysRequest(owner="bad owner"), Code.INVALID_ARGUMENT),
-    ("RevokeApiKey", pb.RevokeApiKeyRequest(), Code.INVALID_ARGUMENT),
-    ("RevokeApiKey", pb.RevokeApiKeyRequest(key_id="nope"), Code.INVALID_ARGUMENT),
-    ("RevokeApiKey", pb.RevokeApiKeyRequest(key_id="lk_" + "a" * 32), Code.NOT_FOUND),
-    ("RotateApiKey", pb.RotateApiKeyRequest(key_id="lk_" + "a" * 32), Code.NOT_FOUND),
-    ("RotateApiKey", pb.RotateApiKeyRequest(), Code.INVALID_ARGUMENT),
-    ("GetApiKeySecret", pb.GetApiKeySecretRequest(key_id="lk_" + "b" * 32), Code.NOT_FOUND),
-    ("GetApiKeySecret", pb.GetApiKeySecretRequest(key_id="lk_x"), Code.INVALID_ARGUMENT),
-    ("IssueToken", pb.IssueTokenRequest(secret="s"), Code.INVALID_ARGUMENT),
-    ("IssueToken", pb.IssueTokenRequest(key_id="lk_" + "a" * 32), Code.INVALID_ARGUMENT),
-    ("RotateSigningKey", pb.RotateSigningKeyRequest(algorithm="HS256"), Code.INVALID_ARGUMENT),
-    ("Encrypt", pb.EncryptRequest(plaintext=b"x" * (1024 * 1024 + 1)), Code.INVALID_ARGUMENT),
-    ("Encrypt", pb.EncryptRequest(plaintext=b"x", associated_data=b"a" * (64 * 1024 + 1)), Code.INVALID_ARGUMENT),
-    ("Decrypt", pb.DecryptRequest(), Code.INVALID_ARGUMENT),
-    ("Decrypt", pb.DecryptRequest(ciphertext=b"\x02k1short"), Code.INVALID_ARGUMENT),
-    ("Decrypt", pb.DecryptRequest(ciphertext=b"\x03k99" + b"\x00" * 40), Code.INVALID_ARGUMENT),
-    ("Decrypt", pb.DecryptRequest(ciphertext=b"\xff" * 50), Code.INVALID_ARGUMENT),
-    ("Rewrap", pb.RewrapRequest(), Code.INVALID_ARGUMENT),
-    ("AppendAudit", pb.AppendAuditRequest(action="a"), Code.INVALID_ARGUMENT),
-    ("AppendAudit", pb.AppendAuditRequest(actor="a"), Code.INVALID_ARGUMENT),
-    ("AppendAudit", pb.AppendAuditRequest(actor="a", action="b", resource="r" * 2000), Code.INVALID_ARGUMENT),
-    ("AppendAudit", pb.AppendAuditRequest(actor="a", action="b", attributes={"k": "v" * 5000}), Code.INVALID_ARGUMENT),
-    ("AppendAuditBatch", pb.AppendAuditBatchRequest(), Code.INVALID_ARGUMENT),
-    ("AppendAuditBatch", pb.AppendAuditBatchRequest(records=[pb.AppendAuditRequest(actor="a", action="b"),
-                                                             pb.AppendAuditRequest(actor="a")]), Code.INVALID_ARGUMENT),
-    ("QueryAudit", pb.QueryAuditRequest(limit=5000), Code.INVALID_ARGUMENT),
-])
+@pytest.mark.parametrize(
+    ("method", "request_", "code"),
+    [
+        ("CreateApiKey", pb.CreateApiKeyRequest(scopes=["a:b"]), Code.INVALID_ARGUMENT),
+        ("CreateApiKey", pb.CreateApiKeyRequest(owner="x y", scopes=["a:b"]), Code.INVALID_ARGUMENT),
+        ("CreateApiKey", pb.CreateApiKeyRequest(owner="x"), Code.INVALID_ARGUMENT),
+        ("CreateApiKey", pb.CreateApiKeyRequest(owner="x", scopes=["Bad Scope"]), Code.INVALID_ARGUMENT),
+        ("CreateApiKey", pb.CreateApiKeyRequest(owner="x", scopes=["a:b"], ttl_days=100000), Code.INVALID_ARGUMENT),
+        ("CreateApiKey", pb.CreateApiKeyRequest(owner="x", scopes=["a:b"], tenant="t/1"), Code.INVALID_ARGUMENT),
+        ("ListApiKeys", pb.ListApiKeysRequest(owner="bad owner"), Code.INVALID_ARGUMENT),
+        ("RevokeApiKey", pb.RevokeApiKeyRequest(), Code.INVALID_ARGUMENT),
+        ("RevokeApiKey", pb.RevokeApiKeyRequest(key_id="nope"), Code.INVALID_ARGUMENT),
+        ("RevokeApiKey", pb.RevokeApiKeyRequest(key_id="lk_" + "a" * 32), Code.NOT_FOUND),
+        ("RotateApiKey", pb.RotateApiKeyRequest(key_id="lk_" + "a" * 32), Code.NOT_FOUND),
+        ("RotateApiKey", pb.RotateApiKeyRequest(), Code.INVALID_ARGUMENT),
+        ("GetApiKeySecret", pb.GetApiKeySecretRequest(key_id="lk_" + "b" * 32), Code.NOT_FOUND),
+        ("GetApiKeySecret", pb.GetApiKeySecretRequest(key_id="lk_x"), Code.INVALID_ARGUMENT),
+        ("IssueToken", pb.IssueTokenRequest(secret="s"), Code.INVALID_ARGUMENT),
+        ("IssueToken", pb.IssueTokenRequest(key_id="lk_" + "a" * 32), Code.INVALID_ARGUMENT),
+        ("RotateSigningKey", pb.RotateSigningKeyRequest(algorithm="HS256"), Code.INVALID_ARGUMENT),
+        ("Encrypt", pb.EncryptRequest(plaintext=b"x" * (1024 * 1024 + 1)), Code.INVALID_ARGUMENT),
+        ("Encrypt", pb.EncryptRequest(plaintext=b"x", associated_data=b"a" * (64 * 1024 + 1)), Code.INVALID_ARGUMENT),
+        ("Decrypt", pb.DecryptRequest(), Code.INVALID_ARGUMENT),
+        ("Decrypt", pb.DecryptRequest(ciphertext=b"\x02k1short"), Code.INVALID_ARGUMENT),
+        ("Decrypt", pb.DecryptRequest(ciphertext=b"\x03k99" + b"\x00" * 40), Code.INVALID_ARGUMENT),
+        ("Decrypt", pb.DecryptRequest(ciphertext=b"\xff" * 50), Code.INVALID_ARGUMENT),
+        ("Rewrap", pb.RewrapRequest(), Code.INVALID_ARGUMENT),
+        ("AppendAudit", pb.AppendAuditRequest(action="a"), Code.INVALID_ARGUMENT),
+        ("AppendAudit", pb.AppendAuditRequest(actor="a"), Code.INVALID_ARGUMENT),
+        ("AppendAudit", pb.AppendAuditRequest(actor="a", action="b", resource="r" * 2000), Code.INVALID_ARGUMENT),
+        (
+            "AppendAudit",
+            pb.AppendAuditRequest(actor="a", action="b", attributes={"k": "v" * 5000}),
+            Code.INVALID_ARGUMENT,
+        ),
+        ("AppendAuditBatch", pb.AppendAuditBatchRequest(), Code.INVALID_ARGUMENT),
+        (
+            "AppendAuditBatch",
+            pb.AppendAuditBatchRequest(
+                records=[pb.AppendAuditRequest(actor="a", action="b"), pb.AppendAuditRequest(actor="a")]
+            ),
+            Code.INVALID_ARGUMENT,
+        ),
+        ("QueryAudit", pb.QueryAuditRequest(limit=5000), Code.INVALID_ARGUMENT),
+    ],
+)
 async def test_bad_input(sec: Running, method: str, request_: object, code: grpc.StatusCode) -> None:
     err = await expect(code, getattr(sec.stub, method)(request_))
     assert err.code() != Code.INTERNAL
@@ -417,8 +526,14 @@ async def test_bad_input(sec: Running, method: str, request_: object, code: grpc
 
 async def test_bad_batch_appends_nothing_and_names_the_record(sec: Running) -> None:
     before = (await sec.stub.VerifyAuditChain(pb.VerifyAuditChainRequest())).records
-    err = await expect(Code.INVALID_ARGUMENT, sec.stub.AppendAuditBatch(pb.AppendAuditBatchRequest(records=[
-        pb.AppendAuditRequest(actor="a", action="b"), pb.AppendAuditRequest(actor="a")])))
+    err = await expect(
+        Code.INVALID_ARGUMENT,
+        sec.stub.AppendAuditBatch(
+            pb.AppendAuditBatchRequest(
+                records=[pb.AppendAuditRequest(actor="a", action="b"), pb.AppendAuditRequest(actor="a")]
+            )
+        ),
+    )
     assert "records[1].action" in err.details()
     assert (await sec.stub.VerifyAuditChain(pb.VerifyAuditChainRequest())).records == before
 
@@ -440,11 +555,15 @@ async def test_state_survives_a_restart(tmp_path: Path) -> None:
     master = tmp_path / "security" / "master.key"
     assert stat.S_IMODE(master.stat().st_mode) == 0o600 and master.stat().st_size == 32
     async with running(tmp_path) as r:
-        assert [k.key_id for k in (await r.stub.ListApiKeys(pb.ListApiKeysRequest(owner="henry"))).keys] == [key.key.key_id]
+        assert [k.key_id for k in (await r.stub.ListApiKeys(pb.ListApiKeysRequest(owner="henry"))).keys] == [
+            key.key.key_id
+        ]
         assert (await r.stub.GetJwks(pb.GetJwksRequest())).jwks_json == jwks_before
         assert (await verify(r.stub, token, r.cfg))["sub"] == "henry"
         assert (await r.stub.IssueToken(pb.IssueTokenRequest(key_id=key.key.key_id, secret=key.secret))).token
-        assert (await r.stub.Decrypt(pb.DecryptRequest(ciphertext=ct.ciphertext, associated_data=b"ad"))).plaintext == b"persist"
+        assert (
+            await r.stub.Decrypt(pb.DecryptRequest(ciphertext=ct.ciphertext, associated_data=b"ad"))
+        ).plaintext == b"persist"
         assert (await r.stub.Encrypt(pb.EncryptRequest(plaintext=b"x"))).key_version == "k2"
         rec = await r.stub.AppendAudit(pb.AppendAuditRequest(actor="a", action="b"))
         assert rec.sequence == 4
@@ -456,7 +575,8 @@ async def test_refuses_a_foreign_master_key(tmp_path: Path) -> None:
     async with running(tmp_path):
         pass
     (tmp_path / "security" / "master.key").write_bytes(os.urandom(32))
-    from llmesh.services.security.server import SecurityServicer
+    from llmesh.services.security.servicer import SecurityServicer
+
     s = SecurityServicer(mesh_config(tmp_path).security, tmp_path / "security")
     with pytest.raises(RuntimeError, match="master key"):
         await s.start()
@@ -471,20 +591,28 @@ async def test_refuses_a_foreign_master_key(tmp_path: Path) -> None:
 async def test_module_entry_point_serves_health(tmp_path: Path) -> None:
     import asyncio
 
-    port, = free_ports(1)
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("LLMESH")}, "LLMESH_HOME": str(tmp_path),
-           "LLMESH__SECURITY__SERVER__PORT": str(port), "LLMESH__SECURITY__SERVER__METRICS_PORT": "0",
-           "OTEL_TRACES_EXPORTER": "none"}
-    proc = subprocess.Popen([sys.executable, "-m", "llmesh.services.security"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    (port,) = free_ports(1)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("LLMESH")},
+        "LLMESH_HOME": str(tmp_path),
+        "LLMESH__SECURITY__SERVER__PORT": str(port),
+        "LLMESH__SECURITY__SERVER__METRICS_PORT": "0",
+        "OTEL_TRACES_EXPORTER": "none",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmesh.services.security"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     try:
         status = None
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
             health = health_pb2_grpc.HealthStub(ch)
             for _ in range(150):
                 try:
-                    status = (await health.Check(health_pb2.HealthCheckRequest(service="llmesh.security.v1.Security"),
-                                                 timeout=1)).status
+                    status = (
+                        await health.Check(
+                            health_pb2.HealthCheckRequest(service="llmesh.security.v1.Security"), timeout=1
+                        )
+                    ).status
                     if status == health_pb2.HealthCheckResponse.SERVING:
                         break
                 except grpc.aio.AioRpcError:

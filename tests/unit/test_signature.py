@@ -3,7 +3,6 @@ are claimed by the rate limiter's script: tests/unit/test_ratelimit.py)."""
 
 from __future__ import annotations
 
-
 import pytest
 
 from llmesh.auth import signature as sig
@@ -19,8 +18,7 @@ def signed(**kw: object) -> dict[str, str]:
     return dict(sig.sign(SECRET, METHOD, BODY, now=NOW, key_id="k1", **kw))  # type: ignore[arg-type]
 
 
-def refusal(md: object, *, secret: bytes = SECRET, method: str = METHOD, body: bytes = BODY,
-            now: float = NOW) -> str:
+def refusal(md: object, *, secret: bytes = SECRET, method: str = METHOD, body: bytes = BODY, now: float = NOW) -> str:
     with pytest.raises(Unauthenticated) as e:
         sig.verify(secret, method, body, md, now=now)  # type: ignore[arg-type]
     return e.value.message

@@ -28,7 +28,7 @@ def jl(*objs: object) -> bytes:
 
 
 def faq_bytes() -> bytes:
-    return resources.files("llmesh.models").joinpath("corpus/faq.json").read_bytes()
+    return resources.files("llmesh.demo").joinpath("corpus/faq.json").read_bytes()
 
 
 # --------------------------------------------------------------------------- positive cases
@@ -36,20 +36,46 @@ def faq_bytes() -> bytes:
 POSITIVE = [
     pytest.param(
         "alpaca_json",
-        json.dumps([
-            {"instruction": "将以下中文翻译成英文", "input": "今天天气很好", "output": "The weather is very good today."},
-            {"instruction": "解释高血压的成因", "input": "", "output": "高血压主要分为原发性和继发性..."},
-        ], ensure_ascii=False).encode(),
-        [qa("将以下中文翻译成英文\n今天天气很好", "The weather is very good today."),
-         qa("解释高血压的成因", "高血压主要分为原发性和继发性...")],
+        json.dumps(
+            [
+                {
+                    "instruction": "将以下中文翻译成英文",
+                    "input": "今天天气很好",
+                    "output": "The weather is very good today.",
+                },
+                {"instruction": "解释高血压的成因", "input": "", "output": "高血压主要分为原发性和继发性..."},
+            ],
+            ensure_ascii=False,
+        ).encode(),
+        [
+            qa("将以下中文翻译成英文\n今天天气很好", "The weather is very good today."),
+            qa("解释高血压的成因", "高血压主要分为原发性和继发性..."),
+        ],
         id="alpaca_json-input-appended",
     ),
     pytest.param(
         "alpaca_json",
-        json.dumps([{"instruction": "  Say hi  ", "output": " hi ", "system": "You are terse.",
-                     "history": [["你好", "你好！"], ["Who are you?", "A helpdesk bot."]]}]).encode(),
-        [ex(("system", "You are terse."), ("user", "你好"), ("assistant", "你好！"),
-            ("user", "Who are you?"), ("assistant", "A helpdesk bot."), ("user", "Say hi"), ("assistant", "hi"))],
+        json.dumps(
+            [
+                {
+                    "instruction": "  Say hi  ",
+                    "output": " hi ",
+                    "system": "You are terse.",
+                    "history": [["你好", "你好！"], ["Who are you?", "A helpdesk bot."]],
+                }
+            ]
+        ).encode(),
+        [
+            ex(
+                ("system", "You are terse."),
+                ("user", "你好"),
+                ("assistant", "你好！"),
+                ("user", "Who are you?"),
+                ("assistant", "A helpdesk bot."),
+                ("user", "Say hi"),
+                ("assistant", "hi"),
+            )
+        ],
         id="alpaca_json-system-history-stripped",
     ),
     pytest.param(
@@ -60,9 +86,13 @@ POSITIVE = [
     ),
     pytest.param(
         "alpaca_json",
-        json.dumps([{"question": "如何重置密码？", "answer": "打开 id.example.com。"},
-                    {"question": "How do I connect to the VPN?", "answer": "Install the client."}],
-                   ensure_ascii=False).encode(),
+        json.dumps(
+            [
+                {"question": "如何重置密码？", "answer": "打开 id.example.com。"},
+                {"question": "How do I connect to the VPN?", "answer": "Install the client."},
+            ],
+            ensure_ascii=False,
+        ).encode(),
         [qa("如何重置密码？", "打开 id.example.com。"), qa("How do I connect to the VPN?", "Install the client.")],
         id="faq_json",
     ),
@@ -74,24 +104,49 @@ POSITIVE = [
     ),
     pytest.param(
         "alpaca_jsonl",
-        jl({"instruction": "总结这段话", "input": "今天开会讨论了预算。", "output": "会议讨论预算。"}, {"question": "Q?", "answer": "A."})
+        jl(
+            {"instruction": "总结这段话", "input": "今天开会讨论了预算。", "output": "会议讨论预算。"},
+            {"question": "Q?", "answer": "A."},
+        )
         + b"\n   \n",
         [qa("总结这段话\n今天开会讨论了预算。", "会议讨论预算。"), qa("Q?", "A.")],
         id="alpaca_jsonl-blank-lines",
     ),
     pytest.param(
         "chat_jsonl",
-        jl({"messages": [{"role": "system", "content": "你是客服。"}, {"role": "user", "content": "VPN 连不上"},
-                         {"role": "assistant", "content": "请重启客户端。"}, {"role": "user", "content": "还是不行"},
-                         {"role": "assistant", "content": "请联系 IT。"}]}),
-        [ex(("system", "你是客服。"), ("user", "VPN 连不上"), ("assistant", "请重启客户端。"),
-            ("user", "还是不行"), ("assistant", "请联系 IT。"))],
+        jl(
+            {
+                "messages": [
+                    {"role": "system", "content": "你是客服。"},
+                    {"role": "user", "content": "VPN 连不上"},
+                    {"role": "assistant", "content": "请重启客户端。"},
+                    {"role": "user", "content": "还是不行"},
+                    {"role": "assistant", "content": "请联系 IT。"},
+                ]
+            }
+        ),
+        [
+            ex(
+                ("system", "你是客服。"),
+                ("user", "VPN 连不上"),
+                ("assistant", "请重启客户端。"),
+                ("user", "还是不行"),
+                ("assistant", "请联系 IT。"),
+            )
+        ],
         id="chat_jsonl-openai-multiturn",
     ),
     pytest.param(
         "chat_jsonl",
-        jl({"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
-                              {"from": "gpt", "value": "Hello!"}]}),
+        jl(
+            {
+                "conversations": [
+                    {"from": "system", "value": "Be brief."},
+                    {"from": "human", "value": "Hi"},
+                    {"from": "gpt", "value": "Hello!"},
+                ]
+            }
+        ),
         [ex(("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello!"))],
         id="chat_jsonl-sharegpt",
     ),
@@ -128,8 +183,10 @@ POSITIVE = [
     pytest.param(
         "tsv_translation",
         "今天天气很好\tThe weather is very good today.\n我爱你\tI love you.\n".encode(),
-        [qa("将以下中文文本翻译成英文：\n今天天气很好", "The weather is very good today."),
-         qa("将以下中文文本翻译成英文：\n我爱你", "I love you.")],
+        [
+            qa("将以下中文文本翻译成英文：\n今天天气很好", "The weather is very good today."),
+            qa("将以下中文文本翻译成英文：\n我爱你", "I love you."),
+        ],
         id="tsv_translation",
     ),
 ]
@@ -162,83 +219,136 @@ def test_bundled_faq_parses_to_20_examples() -> None:
 
 NEGATIVE = [
     pytest.param("alpaca_json", b'[{"instruction": "x"', [(0, "invalid JSON")], id="alpaca_json-broken"),
-    pytest.param("alpaca_json", b'{"instruction": "x", "output": "y"}', [(0, "expected a JSON array")],
-                 id="alpaca_json-not-array"),
-    pytest.param("alpaca_json", json.dumps([
-        {"instruction": "ok", "output": "fine"},
-        {"instruction": "缺少输出"},
-        "not an object",
-        {"instruction": "  ", "output": "y"},
-        {"instruction": "x", "output": 42},
-        {"instruction": "x", "output": "y", "history": [["only one"]]},
-        {"instruction": "x", "output": "y", "history": "no"},
-        {"instruction": "x", "input": 3, "output": "y"},
-        {"question": "q"},
-        {"foo": "bar"},
-    ], ensure_ascii=False).encode(), [
-        (2, "missing 'output'"),
-        (3, "expected a JSON object, got string"),
-        (4, "empty 'instruction'"),
-        (5, "'output' must be a string, got number"),
-        (6, "history[0] must be a [user, assistant] pair"),
-        (7, "'history' must be an array"),
-        (8, "'input' must be a string"),
-        (9, "missing 'answer'"),
-        (10, "missing 'instruction'"),
-    ], id="alpaca_json-row-errors"),
-    pytest.param("alpaca_jsonl", b'{"instruction": "a", "output": "b"}\n\n{"instruction": "a",\n[1, 2]\n',
-                 [(3, "invalid JSON"), (4, "expected a JSON object, got array")], id="alpaca_jsonl-line-numbers"),
-    pytest.param("chat_jsonl", jl(
-        {"messages": [{"role": "user", "content": "hi"}]},
-        {"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]},
-        {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
-        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                      {"role": "system", "content": "late"}, {"role": "assistant", "content": "c"}]},
-        {"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}]},
-        {"messages": [{"role": "user", "content": ["part"]}, {"role": "assistant", "content": "y"}]},
-        {"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "y"}]},
-        {"messages": "hi"},
-        {"text": "hi"},
-        {"conversations": [{"from": "human", "value": "a"}, {"from": "bot", "value": "b"}]},
-        {"conversations": [{"from": "human"}, {"from": "gpt", "value": "b"}]},
-        {"messages": []},
-        {"messages": [{"content": "a"}, {"role": "assistant", "content": "b"}]},
-    ), [
-        (1, "must end with an assistant message"),
-        (2, "messages[0]: wrong role order: expected 'user', got 'assistant'"),
-        (3, "messages[1]: wrong role order: expected 'assistant', got 'user'"),
-        (4, "messages[2]: wrong role order: system may only come first"),
-        (5, "messages[0].role must be one of system, user, assistant, got 'tool'"),
-        (6, "messages[0].content must be a string, got array"),
-        (7, "empty messages[0].content"),
-        (8, "'messages' must be an array, got string"),
-        (9, "expected a 'messages' or 'conversations' array"),
-        (10, "conversations[1].from must be one of"),
-        (11, "missing conversations[0].value"),
-        (12, "needs at least one user message and one assistant reply"),
-        (13, "missing messages[0].role"),
-    ], id="chat_jsonl-role-order-and-types"),
-    pytest.param("csv_qa", b"foo,bar\n1,2\n", [(1, "the header must name a question and an answer column")],
-                 id="csv_qa-no-known-header"),
-    pytest.param("csv_qa", 'question,answer\n好问题,\n,answer only\n"multi\nline q",ok\nonly one\na,b,c\nx,"y"z\n'.encode(), [
-        (2, "empty 'answer'"),
-        (3, "empty 'question'"),
-        (6, "expected 2 columns, got 1"),
-        (7, "expected 2 columns, got 3"),
-        (8, "malformed CSV"),
-    ], id="csv_qa-rows-count-physical-lines"),
-    pytest.param("csv_qa", b'question,answer\nok,fine\n"never closed,x\n', [(3, "malformed CSV: unexpected end of data")],
-                 id="csv_qa-unterminated-quote"),
-    pytest.param("tsv_qa", "好\t很好\nno tab here\na\tb\tc\n\t答案\n问题\t \n".encode(), [
-        (2, "expected 2 tab-separated columns, got 1"),
-        (3, "expected 2 tab-separated columns, got 3"),
-        (4, "empty 'question'"),
-        (5, "empty 'answer'"),
-    ], id="tsv_qa-row-errors"),
-    pytest.param("tsv_translation", "你好\t\n\tHello\n".encode(), [(1, "empty target text"), (2, "empty source text")],
-                 id="tsv_translation-empty-sides"),
-    pytest.param("tsv_qa", "好\t很好\n".encode("utf-8") + b"\xff\xfe\tbad\n", [(0, "invalid UTF-8 at byte")],
-                 id="invalid-utf8-whole-file"),
+    pytest.param(
+        "alpaca_json",
+        b'{"instruction": "x", "output": "y"}',
+        [(0, "expected a JSON array")],
+        id="alpaca_json-not-array",
+    ),
+    pytest.param(
+        "alpaca_json",
+        json.dumps(
+            [
+                {"instruction": "ok", "output": "fine"},
+                {"instruction": "缺少输出"},
+                "not an object",
+                {"instruction": "  ", "output": "y"},
+                {"instruction": "x", "output": 42},
+                {"instruction": "x", "output": "y", "history": [["only one"]]},
+                {"instruction": "x", "output": "y", "history": "no"},
+                {"instruction": "x", "input": 3, "output": "y"},
+                {"question": "q"},
+                {"foo": "bar"},
+            ],
+            ensure_ascii=False,
+        ).encode(),
+        [
+            (2, "missing 'output'"),
+            (3, "expected a JSON object, got string"),
+            (4, "empty 'instruction'"),
+            (5, "'output' must be a string, got number"),
+            (6, "history[0] must be a [user, assistant] pair"),
+            (7, "'history' must be an array"),
+            (8, "'input' must be a string"),
+            (9, "missing 'answer'"),
+            (10, "missing 'instruction'"),
+        ],
+        id="alpaca_json-row-errors",
+    ),
+    pytest.param(
+        "alpaca_jsonl",
+        b'{"instruction": "a", "output": "b"}\n\n{"instruction": "a",\n[1, 2]\n',
+        [(3, "invalid JSON"), (4, "expected a JSON object, got array")],
+        id="alpaca_jsonl-line-numbers",
+    ),
+    pytest.param(
+        "chat_jsonl",
+        jl(
+            {"messages": [{"role": "user", "content": "hi"}]},
+            {"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]},
+            {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
+            {
+                "messages": [
+                    {"role": "user", "content": "a"},
+                    {"role": "assistant", "content": "b"},
+                    {"role": "system", "content": "late"},
+                    {"role": "assistant", "content": "c"},
+                ]
+            },
+            {"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}]},
+            {"messages": [{"role": "user", "content": ["part"]}, {"role": "assistant", "content": "y"}]},
+            {"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "y"}]},
+            {"messages": "hi"},
+            {"text": "hi"},
+            {"conversations": [{"from": "human", "value": "a"}, {"from": "bot", "value": "b"}]},
+            {"conversations": [{"from": "human"}, {"from": "gpt", "value": "b"}]},
+            {"messages": []},
+            {"messages": [{"content": "a"}, {"role": "assistant", "content": "b"}]},
+        ),
+        [
+            (1, "must end with an assistant message"),
+            (2, "messages[0]: wrong role order: expected 'user', got 'assistant'"),
+            (3, "messages[1]: wrong role order: expected 'assistant', got 'user'"),
+            (4, "messages[2]: wrong role order: system may only come first"),
+            (5, "messages[0].role must be one of system, user, assistant, got 'tool'"),
+            (6, "messages[0].content must be a string, got array"),
+            (7, "empty messages[0].content"),
+            (8, "'messages' must be an array, got string"),
+            (9, "expected a 'messages' or 'conversations' array"),
+            (10, "conversations[1].from must be one of"),
+            (11, "missing conversations[0].value"),
+            (12, "needs at least one user message and one assistant reply"),
+            (13, "missing messages[0].role"),
+        ],
+        id="chat_jsonl-role-order-and-types",
+    ),
+    pytest.param(
+        "csv_qa",
+        b"foo,bar\n1,2\n",
+        [(1, "the header must name a question and an answer column")],
+        id="csv_qa-no-known-header",
+    ),
+    pytest.param(
+        "csv_qa",
+        'question,answer\n好问题,\n,answer only\n"multi\nline q",ok\nonly one\na,b,c\nx,"y"z\n'.encode(),
+        [
+            (2, "empty 'answer'"),
+            (3, "empty 'question'"),
+            (6, "expected 2 columns, got 1"),
+            (7, "expected 2 columns, got 3"),
+            (8, "malformed CSV"),
+        ],
+        id="csv_qa-rows-count-physical-lines",
+    ),
+    pytest.param(
+        "csv_qa",
+        b'question,answer\nok,fine\n"never closed,x\n',
+        [(3, "malformed CSV: unexpected end of data")],
+        id="csv_qa-unterminated-quote",
+    ),
+    pytest.param(
+        "tsv_qa",
+        "好\t很好\nno tab here\na\tb\tc\n\t答案\n问题\t \n".encode(),
+        [
+            (2, "expected 2 tab-separated columns, got 1"),
+            (3, "expected 2 tab-separated columns, got 3"),
+            (4, "empty 'question'"),
+            (5, "empty 'answer'"),
+        ],
+        id="tsv_qa-row-errors",
+    ),
+    pytest.param(
+        "tsv_translation",
+        "你好\t\n\tHello\n".encode(),
+        [(1, "empty target text"), (2, "empty source text")],
+        id="tsv_translation-empty-sides",
+    ),
+    pytest.param(
+        "tsv_qa",
+        "好\t很好\n".encode() + b"\xff\xfe\tbad\n",
+        [(0, "invalid UTF-8 at byte")],
+        id="invalid-utf8-whole-file",
+    ),
     pytest.param("chat_jsonl", b"[" * 100_000, [(1, "invalid JSON")], id="deeply-nested-json"),
 ]
 
@@ -287,10 +397,18 @@ def test_validate_names_whole_file_errors() -> None:
         ds.validate(ds.parse(b"\xc3(", "csv_qa"))
 
 
-@pytest.mark.parametrize(("fmt", "data"), [
-    ("tsv_qa", b""), ("tsv_qa", b"\n\n  \n"), ("tsv_qa", b"question\tanswer\n"), ("csv_qa", b""),
-    ("csv_qa", b"\xef\xbb\xbfquestion,answer\r\n"), ("chat_jsonl", b"\n"), ("alpaca_json", b"[]"),
-])
+@pytest.mark.parametrize(
+    ("fmt", "data"),
+    [
+        ("tsv_qa", b""),
+        ("tsv_qa", b"\n\n  \n"),
+        ("tsv_qa", b"question\tanswer\n"),
+        ("csv_qa", b""),
+        ("csv_qa", b"\xef\xbb\xbfquestion,answer\r\n"),
+        ("chat_jsonl", b"\n"),
+        ("alpaca_json", b"[]"),
+    ],
+)
 def test_validate_refuses_empty_dataset(fmt: str, data: bytes) -> None:
     parsed = ds.parse(data, fmt)
     assert parsed.errors == []
@@ -306,15 +424,21 @@ def test_validate_passes_clean_dataset() -> None:
 
 
 def test_exact_duplicates_dropped_first_kept() -> None:
-    data = "a\t1\nb\t2\na\t1\n a \t 1 \nc\t3\nb\t2\nA\t1\n".encode()
+    data = b"a\t1\nb\t2\na\t1\n a \t 1 \nc\t3\nb\t2\nA\t1\n"
     parsed = ds.parse(data, "tsv_qa")
     assert parsed.examples == [qa("a", "1"), qa("b", "2"), qa("c", "3"), qa("A", "1")]
     assert parsed.duplicates == 3
 
 
 def test_dedup_spans_formats_of_the_same_content() -> None:
-    parsed = ds.parse(jl({"instruction": "q", "output": "a"}, {"question": "q", "answer": "a"},
-                         {"instruction": "q", "output": "a", "system": "s"}), "alpaca_jsonl")
+    parsed = ds.parse(
+        jl(
+            {"instruction": "q", "output": "a"},
+            {"question": "q", "answer": "a"},
+            {"instruction": "q", "output": "a", "system": "s"},
+        ),
+        "alpaca_jsonl",
+    )
     assert parsed.examples == [qa("q", "a"), qa("q", "a", system="s")] and parsed.duplicates == 1
 
 
@@ -361,16 +485,19 @@ def test_detect_works_on_a_truncated_first_line() -> None:
     assert ds.detect_format("x.jsonl", head) == "alpaca_jsonl"
 
 
-@pytest.mark.parametrize(("name", "head"), [
-    ("notes.md", b"# hello"),
-    ("data.json", b'[{"text": "x"}]'),
-    ("chat.json", b'[{"messages": [{"role": "user", "content": "a"}]}]'),
-    ("data.json", b'"just a string"'),
-    ("x.jsonl", b'{"text": "x"}\n'),
-    ("x.jsonl", b"not json at all"),
-    ("pairs.tsv", b"no tabs here\n"),
-    ("blob", b"\x00\x01binary"),
-])
+@pytest.mark.parametrize(
+    ("name", "head"),
+    [
+        ("notes.md", b"# hello"),
+        ("data.json", b'[{"text": "x"}]'),
+        ("chat.json", b'[{"messages": [{"role": "user", "content": "a"}]}]'),
+        ("data.json", b'"just a string"'),
+        ("x.jsonl", b'{"text": "x"}\n'),
+        ("x.jsonl", b"not json at all"),
+        ("pairs.tsv", b"no tabs here\n"),
+        ("blob", b"\x00\x01binary"),
+    ],
+)
 def test_detect_refuses_what_it_cannot_tell(name: str, head: bytes) -> None:
     with pytest.raises(InvalidArgument) as info:
         ds.detect_format(name, head)
@@ -384,10 +511,20 @@ def _many(n: int) -> list[Example]:
     return [qa(f"q{i}", f"a{i}") for i in range(n)]
 
 
-@pytest.mark.parametrize(("n", "fraction", "n_eval"), [
-    (100, 0.1, 10), (100, 0.0, 0), (100, 0.5, 50), (10, 0.01, 1), (2, 0.1, 1), (1, 0.5, 0), (0, 0.2, 0),
-    (7, 0.25, 2), (3, 0.5, 2),
-])
+@pytest.mark.parametrize(
+    ("n", "fraction", "n_eval"),
+    [
+        (100, 0.1, 10),
+        (100, 0.0, 0),
+        (100, 0.5, 50),
+        (10, 0.01, 1),
+        (2, 0.1, 1),
+        (1, 0.5, 0),
+        (0, 0.2, 0),
+        (7, 0.25, 2),
+        (3, 0.5, 2),
+    ],
+)
 def test_split_sizes(n: int, fraction: float, n_eval: int) -> None:
     examples = _many(n)
     train, evals = ds.split(examples, fraction, seed=1)
@@ -415,7 +552,9 @@ def test_split_refuses_bad_fraction(fraction: float) -> None:
 def test_content_hash_is_stable_and_order_sensitive() -> None:
     a = [qa("如何重置密码？", "打开门户。"), qa("VPN?", "Restart.", system="s")]
     h = ds.content_hash(a)
-    assert len(h) == 64 and h == ds.content_hash([qa("如何重置密码？", "打开门户。"), qa("VPN?", "Restart.", system="s")])
+    assert len(h) == 64 and h == ds.content_hash(
+        [qa("如何重置密码？", "打开门户。"), qa("VPN?", "Restart.", system="s")]
+    )
     assert h != ds.content_hash(list(reversed(a)))
     assert h != ds.content_hash([a[0]])
     # pinned: a change in the canonical form would silently re-key every stored dataset
@@ -429,7 +568,7 @@ def test_content_hash_is_the_hash_of_the_stored_form() -> None:
 
 
 def test_jsonl_round_trip_keeps_order_and_duplicates() -> None:
-    examples = [qa("你好", "Hello\n\"quoted\""), qa("a\u2028b", "c", system="sys"), qa("你好", "Hello\n\"quoted\"")]
+    examples = [qa("你好", 'Hello\n"quoted"'), qa("a\u2028b", "c", system="sys"), qa("你好", 'Hello\n"quoted"')]
     data = ds.to_jsonl(examples)
     assert data.count(b"\n") == 3 and "你好".encode() in data  # UTF-8, not \u escapes
     assert ds.from_jsonl(data) == examples

@@ -11,14 +11,15 @@ import json
 import math
 import pathlib
 import sys
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from llmesh.models import init_models  # noqa: E402
+from llmesh.demo.models import init_models  # noqa: E402
 from llmesh.services.trainer.encoding import (  # noqa: E402
     IGNORE_INDEX,
     collate,
@@ -86,8 +87,10 @@ def served(llm_path: pathlib.Path) -> Iterator[tuple[Any, Any]]:
     spec = importlib.util.spec_from_file_location("llmesh_triton_llm_model_trainer", path)
     mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    params = {"model_path": {"string_value": str(llm_path)},
-              "adapter_dir": {"string_value": str(llm_path.parent / "adapters")}}
+    params = {
+        "model_path": {"string_value": str(llm_path)},
+        "adapter_dir": {"string_value": str(llm_path.parent / "adapters")},
+    }
     m = mod.TritonPythonModel()
     m.initialize({"model_config": json.dumps({"parameters": params})})
     yield mod, m
@@ -125,7 +128,7 @@ def test_truncation_keeps_the_prompt_end_and_the_target(tok: Any) -> None:
     enc = encode(tok, ex, max_length=64)
     assert len(enc["input_ids"]) == 64
     assert enc["input_ids"][-n_target:] == full["input_ids"][-n_target:]  # whole target + eos
-    assert enc["input_ids"][: 64 - n_target] == p[-(64 - n_target):]  # the prompt's end
+    assert enc["input_ids"][: 64 - n_target] == p[-(64 - n_target) :]  # the prompt's end
     assert tok.decode(enc["input_ids"][: 64 - n_target]).endswith("<|im_start|>assistant\n")
 
     # a target longer than max_length: its beginning survives, after the last prompt token
@@ -134,7 +137,7 @@ def test_truncation_keeps_the_prompt_end_and_the_target(tok: Any) -> None:
     target = [x for x in enc["labels"] if x != IGNORE_INDEX]
     assert len(enc["input_ids"]) == 32 and len(target) == 31
     assert enc["input_ids"][0] == prompt_ids(tok, big)[-1]
-    assert target == encode(tok, big, max_length=4096)["input_ids"][len(prompt_ids(tok, big)):][:31]
+    assert target == encode(tok, big, max_length=4096)["input_ids"][len(prompt_ids(tok, big)) :][:31]
     assert tok.eos_token_id not in target  # a cut answer must not teach stopping there
 
     with pytest.raises(ValueError):

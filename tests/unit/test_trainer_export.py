@@ -9,8 +9,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llmesh.models.demo import init_models
-from llmesh.sandbox import make_random_adapter
+from llmesh.demo.models import init_models
+from tests.support.sandbox import make_random_adapter
 from llmesh.services.trainer.export import merge
 
 

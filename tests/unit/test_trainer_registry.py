@@ -26,15 +26,35 @@ def env(tmp_path: Path):  # type: ignore[no-untyped-def]
     db.close_sync()
 
 
-def publish(db, store: Path, tmp: Path, name: str = "faq", tuned: dict = GOOD, min_improvement: float = 0.0,
-            base_sha: str = "sha-a") -> int:  # type: ignore[no-untyped-def]
+def publish(
+    db,
+    store: Path,
+    tmp: Path,
+    name: str = "faq",
+    tuned: dict = GOOD,
+    min_improvement: float = 0.0,
+    base_sha: str = "sha-a",
+) -> int:  # type: ignore[no-untyped-def]
     staged = tmp / f"staged-{name}"
     staged.mkdir(exist_ok=True)
     (staged / "adapter_config.json").write_text("{}")
-    return db.call_sync(lambda c: registry.register(
-        c, store, staged, name=name, job_id="job_1", base_model="/m", base_sha=base_sha, dataset_id="d1",
-        hyperparameters={"rank": "8"}, base_eval=BASE, tuned_eval=tuned, min_improvement=min_improvement,
-        created_by="acme/alice"))
+    return db.call_sync(
+        lambda c: registry.register(
+            c,
+            store,
+            staged,
+            name=name,
+            job_id="job_1",
+            base_model="/m",
+            base_sha=base_sha,
+            dataset_id="d1",
+            hyperparameters={"rank": "8"},
+            base_eval=BASE,
+            tuned_eval=tuned,
+            min_improvement=min_improvement,
+            created_by="acme/alice",
+        )
+    )
 
 
 def test_versions_publish_atomically_and_are_announced(env) -> None:  # type: ignore[no-untyped-def]
@@ -64,7 +84,9 @@ def test_promote_rollback_and_delete_rules(env) -> None:  # type: ignore[no-unty
     with pytest.raises(FailedPrecondition, match="faq@live"):
         db.call_sync(lambda c: registry.delete(c, store, "faq@v1"))
     assert db.call_sync(lambda c: registry.delete(c, store, "faq@v2")) is True
-    assert not (store / "faq@v2").exists() and json.loads((store / "registry.json").read_text())["adapters"]["faq"]["versions"] == [1]
+    assert not (store / "faq@v2").exists() and json.loads((store / "registry.json").read_text())["adapters"]["faq"][
+        "versions"
+    ] == [1]
     assert db.call_sync(lambda c: registry.delete(c, store, "faq@v2")) is False
     with pytest.raises(NotFound):
         announced.resolve("faq@canary")

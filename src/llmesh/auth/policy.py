@@ -5,12 +5,13 @@ cannot widen anyone's access)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
-from typing import Iterable, Protocol, Sequence
+from typing import Protocol
 
 from google.protobuf import descriptor_pool
 
-from llmesh.common.v1 import options_pb2
+from llmesh.pb.common.v1 import options_pb2
 from llmesh.runtime.errors import PermissionDenied
 
 
@@ -37,9 +38,7 @@ def authorize(principal: HasGrants, required_scope: str, roles: Sequence[str] = 
     """Raise ``PermissionDenied`` unless the principal holds ``required_scope`` (an empty
     string requires none) AND, when ``roles`` is non-empty, at least one of ``roles``."""
     if required_scope and not has_scope(principal.scopes, required_scope):
-        raise PermissionDenied(
-            f"missing scope '{required_scope}'", metadata={"required_scope": required_scope}
-        )
+        raise PermissionDenied(f"missing scope '{required_scope}'", metadata={"required_scope": required_scope})
     if roles and not principal.roles.intersection(roles):
         wanted = ", ".join(sorted(roles))
         raise PermissionDenied(f"requires one of roles: {wanted}", metadata={"required_roles": wanted})

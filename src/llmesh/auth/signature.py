@@ -43,8 +43,9 @@ import math
 import re
 import secrets
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Union
+from typing import Union
 
 from llmesh.runtime.errors import Unauthenticated
 
@@ -62,7 +63,7 @@ _KEY_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _TIMESTAMP_RE = re.compile(r"[0-9]{1,12}")
 _SIGNATURE_RE = re.compile(r"[0-9a-fA-F]{64}")
 
-MetadataLike = Union[Mapping[str, Union[str, bytes]], Iterable[tuple[str, Union[str, bytes]]]]
+MetadataLike = Union[Mapping[str, str | bytes], Iterable[tuple[str, str | bytes]]]
 
 
 @dataclass(frozen=True)
@@ -167,9 +168,7 @@ def verify(
     if timestamp < now - skew_s:
         raise Unauthenticated(f"stale request: timestamp is {now - timestamp:.0f}s old (allowed skew {skew_s:g}s)")
     if timestamp > now + skew_s:
-        raise Unauthenticated(
-            f"request timestamp is {timestamp - now:.0f}s in the future (allowed skew {skew_s:g}s)"
-        )
+        raise Unauthenticated(f"request timestamp is {timestamp - now:.0f}s in the future (allowed skew {skew_s:g}s)")
     expected = _mac(secret, method, ts_text, nonce, body)
     if not hmac.compare_digest(expected, signature.lower()):
         raise Unauthenticated("bad signature")

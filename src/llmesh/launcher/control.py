@@ -33,7 +33,7 @@ from llmesh.launcher.processes import (
     state_path,
     write_specs,
 )
-from llmesh.runtime.config import MeshConfig
+from llmesh.config import MeshConfig
 
 console = Console()
 LOG_TAIL_LINES = 30

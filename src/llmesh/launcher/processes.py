@@ -14,16 +14,16 @@ import socket
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import psutil
 
-from llmesh.runtime.config import MeshConfig
+from llmesh.config import MeshConfig
 
 HealthKind = Literal["redis", "triton", "grpc"]
 LOOPBACK = "127.0.0.1"
-REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 class LauncherError(RuntimeError):
@@ -103,8 +103,14 @@ class ProcessSpec:
 
 def build_specs(cfg: MeshConfig, config_path: Path | None) -> list[ProcessSpec]:
     """The embedded mesh in start order: redis → security → tritonserver → inference → trainer → gateway."""
-    return [redis_spec(cfg), security_spec(cfg, config_path), triton_spec(cfg), inference_spec(cfg, config_path),
-            trainer_spec(cfg, config_path), gateway_spec(cfg, config_path)]
+    return [
+        redis_spec(cfg),
+        security_spec(cfg, config_path),
+        triton_spec(cfg),
+        inference_spec(cfg, config_path),
+        trainer_spec(cfg, config_path),
+        gateway_spec(cfg, config_path),
+    ]
 
 
 def redis_binary(cfg: MeshConfig) -> str:
@@ -132,13 +138,15 @@ def redis_spec(cfg: MeshConfig) -> ProcessSpec:
 
 
 def model_repository(cfg: MeshConfig) -> Path:
-    # triton.model_repository wins over the repository's own folder.
-    return Path(cfg.triton.model_repository) if cfg.triton.model_repository else REPO_ROOT / "triton_models"
+    """triton.model_repository, or the repository shipped as package data (tree or wheel)."""
+    if cfg.triton.model_repository:
+        return Path(cfg.triton.model_repository)
+    return Path(str(resources.files("llmesh.triton_models")))
 
 
 def triton_spec(cfg: MeshConfig) -> ProcessSpec:
     # Imported here: specs injected by tests must not need the Triton wheel layout.
-    from llmesh.tritonserver import TritonNotInstalled, prepare_backends, server_command
+    from llmesh.launcher.tritonserver import TritonNotInstalled, prepare_backends, server_command
 
     # A child named `triton` in the server's cwd shadows OpenAI Triton inside the
     # Python-backend stub and breaks `import torch`: run from a folder without one.

@@ -36,7 +36,7 @@ from llmesh.launcher.processes import (
     state_path,
     write_atomic,
 )
-from llmesh.runtime.config import ConfigError, MeshConfig, load_config
+from llmesh.config import ConfigError, MeshConfig, load_config
 
 State = Literal["starting", "healthy", "unhealthy", "restarting", "crash-loop", "stopped"]
 Phase = Literal["starting", "running", "stopping", "stopped", "failed"]
@@ -108,7 +108,7 @@ def _mapped_shm(pid: int, prefixes: tuple[str, ...]) -> set[str]:
 
 def _open_log(path: Path, name: str) -> IO[bytes]:
     """The process's log, appended to, with a marker line where each run starts."""
-    out = open(path, "ab")  # noqa: SIM115 (returned to a with-statement)
+    out = open(path, "ab")
     out.write(f"\n--- llmesh: starting {name} at {time.strftime('%Y-%m-%dT%H:%M:%S%z')} ---\n".encode())
     out.flush()
     return out

@@ -14,9 +14,9 @@ import os
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Awaitable, Callable
 
 import grpc
 import jwt
@@ -85,8 +85,16 @@ class InternalIdentity:
             if hit is not None and hit[1] > time.time():
                 return hit[0]
         t = int(now if now is not None else time.time())
-        claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": p.subject, "tenant": p.tenant,
-                  "scopes": sorted(p.scopes), "roles": sorted(p.roles), "iat": t, "exp": t + TTL_S}
+        claims = {
+            "iss": ISSUER,
+            "aud": AUDIENCE,
+            "sub": p.subject,
+            "tenant": p.tenant,
+            "scopes": sorted(p.scopes),
+            "roles": sorted(p.roles),
+            "iat": t,
+            "exp": t + TTL_S,
+        }
         token = jwt.encode(claims, self._secret, algorithm="HS256")
         if now is None:
             _remember(self._minted, p, (token, t + self.REMINT_AFTER_S), self.CACHE)
@@ -97,8 +105,15 @@ class InternalIdentity:
         if hit is not None and hit[1] > time.time():
             return hit[0]
         try:
-            c = jwt.decode(token, self._secret, algorithms=["HS256"], audience=AUDIENCE, issuer=ISSUER,
-                           options={"require": ["exp", "iat", "sub", "iss", "aud"]}, leeway=5)
+            c = jwt.decode(
+                token,
+                self._secret,
+                algorithms=["HS256"],
+                audience=AUDIENCE,
+                issuer=ISSUER,
+                options={"require": ["exp", "iat", "sub", "iss", "aud"]},
+                leeway=5,
+            )
         except jwt.PyJWTError as e:
             raise Unauthenticated(f"invalid internal identity: {e}") from None
         p = Principal(c["sub"], str(c.get("tenant", "")), frozenset(c.get("scopes", ())), frozenset(c.get("roles", ())))

@@ -12,7 +12,8 @@ import datetime
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -79,8 +80,12 @@ class _Call:
     async def fail(self, exc: BaseException) -> None:
         code, message, trailers = status_for(exc, self.request_id)
         level = logging.ERROR if code == grpc.StatusCode.INTERNAL else logging.INFO
-        log.log(level, "rpc failed", exc_info=exc if level == logging.ERROR else None,
-                extra={"fields": {"method": self.method, "code": code.name, "error": message}})
+        log.log(
+            level,
+            "rpc failed",
+            exc_info=exc if level == logging.ERROR else None,
+            extra={"fields": {"method": self.method, "code": code.name, "error": message}},
+        )
         self._done(code.name)
         await self.context.abort(code, message, trailing_metadata=trailers)
 

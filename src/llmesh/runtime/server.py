@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Sequence
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
@@ -96,8 +96,11 @@ async def run(svc: Service) -> None:
     tracer_provider = setup_tracing(svc.name)
     start_metrics(s.host, s.metrics_port)
     server = grpc.aio.server(
-        interceptors=[_TraceInterceptor(), *([IdentityInterceptor(svc.identity)] if svc.identity else []),
-                      ErrorMappingInterceptor()],
+        interceptors=[
+            _TraceInterceptor(),
+            *([IdentityInterceptor(svc.identity)] if svc.identity else []),
+            ErrorMappingInterceptor(),
+        ],
         options=server_options(s) + svc.options,
     )
     descriptors = svc.register(server)

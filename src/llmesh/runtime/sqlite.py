@@ -14,8 +14,9 @@ import asyncio
 import contextlib
 import sqlite3
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 from llmesh.runtime.errors import Unavailable
 
@@ -76,7 +77,9 @@ class Database:
             if row is None:
                 conn.execute("INSERT INTO meta(key, value) VALUES ('schema_version', ?)", (str(self.schema_version),))
             elif int(row["value"]) > self.schema_version:
-                raise RuntimeError(f"{self.path}: schema version {row['value']} is newer than this service ({self.schema_version})")
+                raise RuntimeError(
+                    f"{self.path}: schema version {row['value']} is newer than this service ({self.schema_version})"
+                )
         self._conn = conn
 
     def close_sync(self) -> None:

@@ -23,7 +23,9 @@ def setup_tracing(service: str) -> TracerProvider:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-        log.info("exporting traces over OTLP", extra={"fields": {"endpoint": os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"]}})
+        log.info(
+            "exporting traces over OTLP", extra={"fields": {"endpoint": os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"]}}
+        )
     trace.set_tracer_provider(provider)
     return provider
 

@@ -112,9 +112,7 @@ class TritonPythonModel:
         threads = int(params.get("threads", "2") or 2)
         torch.set_num_threads(max(1, threads))
         if "$" in self.model_path or not os.path.isdir(self.model_path):
-            raise pb_utils.TritonModelException(
-                f"model_path {self.model_path!r} is not a folder (set LLMESH_LLM_PATH)"
-            )
+            raise pb_utils.TritonModelException(f"model_path {self.model_path!r} is not a folder (set LLMESH_LLM_PATH)")
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.base = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
@@ -244,11 +242,7 @@ class TritonPythonModel:
             if not isinstance(messages, list) or not messages:
                 raise _invalid("messages_json", "must be a non-empty JSON list")
             for m in messages:
-                if not (
-                    isinstance(m, dict)
-                    and isinstance(m.get("role"), str)
-                    and isinstance(m.get("content"), str)
-                ):
+                if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
                     raise _invalid("messages_json", 'each item needs string "role" and "content"')
             try:
                 text = self.tokenizer.apply_chat_template(
@@ -329,18 +323,14 @@ class TritonPythonModel:
                 continue
             folder = os.path.join(self.adapter_dir, name)
             if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
-                errors[name] = RequestError(
-                    f"NOT_FOUND: adapter '{name}' not found", _code("NOT_FOUND")
-                )
+                errors[name] = RequestError(f"NOT_FOUND: adapter '{name}' not found", _code("NOT_FOUND"))
                 continue
             t0 = time.perf_counter()
             try:
                 if self.peft is None:
                     from peft import PeftModel
 
-                    self.peft = PeftModel.from_pretrained(
-                        self.base, folder, adapter_name=name, is_trainable=False
-                    )
+                    self.peft = PeftModel.from_pretrained(self.base, folder, adapter_name=name, is_trainable=False)
                     self.peft.eval()
                     self.model = self.peft
                 else:
@@ -352,9 +342,7 @@ class TritonPythonModel:
                 )
                 continue
             self.adapters[name] = folder
-            self.logger.log_info(
-                f"llm: loaded adapter {name!r} in {(time.perf_counter() - t0) * 1000:.1f} ms"
-            )
+            self.logger.log_info(f"llm: loaded adapter {name!r} in {(time.perf_counter() - t0) * 1000:.1f} ms")
         # evict least recently used adapters not needed by this batch
         while len(self.adapters) > self.cache_size:
             victim = next((n for n in self.adapters if n not in names), None)
@@ -402,12 +390,12 @@ class TritonPythonModel:
         try:
             if row.finish == "cancelled":
                 try:
-                    rest = row.text[len(row.emitted):] if row.stream else row.text
+                    rest = row.text[len(row.emitted) :] if row.stream else row.text
                     row.sender.send(self._response(rest, row, "cancelled"), flags=FINAL)
                 except Exception:
                     row.sender.send(flags=FINAL)
             elif row.stream:
-                rest = row.text[len(row.emitted):]
+                rest = row.text[len(row.emitted) :]
                 row.sender.send(self._response(rest, row, row.finish or "stop"), flags=FINAL)
             else:
                 row.sender.send(self._response(row.text, row, row.finish or "stop"), flags=FINAL)
@@ -439,11 +427,11 @@ class TritonPythonModel:
             stable -= 1
         for s in row.stops:
             for k in range(min(len(s) - 1, stable), 0, -1):
-                if text[stable - k:stable] == s[:k]:
+                if text[stable - k : stable] == s[:k]:
                     stable -= k
                     break
         stable = max(stable, len(row.emitted))
-        delta = text[len(row.emitted):stable]
+        delta = text[len(row.emitted) : stable]
         if delta:
             try:
                 row.sender.send(self._response(delta, row, ""))
@@ -458,9 +446,7 @@ class TritonPythonModel:
         logits = logits.float()
         if row.repetition_penalty != 1.0 and row.seen is not None and row.seen.numel():
             picked = logits.index_select(0, row.seen)
-            picked = torch.where(
-                picked < 0, picked * row.repetition_penalty, picked / row.repetition_penalty
-            )
+            picked = torch.where(picked < 0, picked * row.repetition_penalty, picked / row.repetition_penalty)
             logits = logits.index_copy(0, row.seen, picked)
         if row.temperature == 0:
             return int(torch.argmax(logits).item())
@@ -519,9 +505,13 @@ class TritonPythonModel:
                     rows = []
                 room = self.max_queue - len(self.queue)
                 if len(rows) > room:  # bounded backlog: shed load instead of queueing forever
-                    self._fail(rows[max(0, room):], RequestError(
-                        f"RESOURCE_EXHAUSTED: llm queue is full ({self.max_queue} waiting)", _code("UNAVAILABLE")))
-                    rows = rows[:max(0, room)]
+                    self._fail(
+                        rows[max(0, room) :],
+                        RequestError(
+                            f"RESOURCE_EXHAUSTED: llm queue is full ({self.max_queue} waiting)", _code("UNAVAILABLE")
+                        ),
+                    )
+                    rows = rows[: max(0, room)]
                 if rows:
                     self.queue.extend(rows)
                     self.wakeup.notify()
@@ -659,8 +649,8 @@ class TritonPythonModel:
         ids = torch.full((n, width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((n, width), dtype=torch.long)
         for i, r in enumerate(rows):
-            ids[i, width - lengths[i]:] = torch.tensor(r.prompt_ids, dtype=torch.long)
-            mask[i, width - lengths[i]:] = 1
+            ids[i, width - lengths[i] :] = torch.tensor(r.prompt_ids, dtype=torch.long)
+            mask[i, width - lengths[i] :] = 1
             if r.repetition_penalty != 1.0:
                 r.seen = torch.tensor(sorted(set(r.prompt_ids)), dtype=torch.long)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -762,9 +752,7 @@ class TritonPythonModel:
         if isinstance(cache, tuple):
             return True
         layers = getattr(cache, "layers", None)
-        return layers is not None and all(
-            type(layer).__name__ == "DynamicLayer" for layer in layers
-        )
+        return layers is not None and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
 
     def _update_text_final(self, row: Row) -> None:
         if row.stops:

@@ -1,0 +1,1 @@
+"""The embedding service (filled by a later issue)."""

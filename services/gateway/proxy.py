@@ -1,0 +1,250 @@
+"""A schema-aware gRPC proxy: one generic handler forwards every routed RPC, in all
+four shapes, as raw bytes. Deadlines, cancellation and metadata pass through; the
+upstream's status (with its rich details) comes back unchanged. Policy hooks see the
+route and may decode only what they need."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import grpc
+from opentelemetry.propagate import inject
+
+from llmesh.runtime.channels import peer_channel
+from llmesh.services.gateway.routes import Route
+
+# Metadata that belongs to this hop only (HTTP/2 and gRPC transport headers).
+HOP_BY_HOP = frozenset(
+    {
+        "grpc-timeout",
+        "grpc-encoding",
+        "grpc-accept-encoding",
+        "content-type",
+        "te",
+        "user-agent",
+        "authorization",
+        "traceparent",
+        "tracestate",
+    }
+)
+Metadata = Sequence[tuple[str, str | bytes]]
+Transform = Callable[[bytes], bytes]
+
+
+def _same(b: bytes) -> bytes:
+    return b
+
+
+async def _nothing(code: grpc.StatusCode, last_response: bytes | None) -> None:
+    return None
+
+
+@dataclass
+class Forward:
+    """What the policy decided for one admitted call."""
+
+    metadata: Metadata
+    request: Transform = _same  # applied to every request message (masking)
+    response: Transform = _same  # applied to every response message (unmasking)
+    # Called once when the call ends, with its status and last response (audit, token usage).
+    done: Callable[[grpc.StatusCode, bytes | None], Awaitable[None]] = _nothing
+    # After a response stream ended OK: one more message to send (text held back by
+    # ``response`` at the end of the stream), or None.
+    tail: Callable[[], bytes | None] = lambda: None
+    # A check still running when the upstream call starts (read-class rate limit): no
+    # response is released before it passed; if it fails, the upstream call is cancelled.
+    gate: Awaitable[None] | None = None
+
+
+# Called before forwarding with the first request message (None for an empty client
+# stream); raises domain errors to refuse the call.
+Admit = Callable[[Route, grpc.aio.ServicerContext, bytes | None], Awaitable[Forward]]
+
+
+def forwardable(metadata: Metadata | None) -> list[tuple[str, str | bytes]]:
+    return [(k, v) for k, v in (metadata or ()) if k not in HOP_BY_HOP and not k.startswith(":")]
+
+
+class Upstreams:
+    """One channel per upstream address, created once."""
+
+    def __init__(self, addresses: Sequence[str], max_message_bytes: int) -> None:
+        # No client span per forwarded call: the gateway's server span is the parent of
+        # the upstream's span (``_traced``), which keeps the trace whole for less.
+        self._channels = {
+            a: peer_channel(a, max_message_bytes=max_message_bytes, traced=False) for a in dict.fromkeys(addresses)
+        }
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        return self._channels[address]
+
+    async def close(self) -> None:
+        for ch in self._channels.values():
+            await ch.close()
+
+
+async def _relay_error(context: grpc.aio.ServicerContext, err: grpc.aio.AioRpcError) -> None:
+    """The upstream's status, message and trailers (rich details included), unchanged."""
+    await context.abort(err.code(), err.details() or "", trailing_metadata=tuple(forwardable(err.trailing_metadata())))
+
+
+class ProxyHandler(grpc.GenericRpcHandler):
+    def __init__(
+        self, routes: Mapping[str, Route], upstreams: Upstreams, admit: Admit, default_timeout_s: float
+    ) -> None:
+        self.routes = routes
+        self.upstreams = upstreams
+        self.admit = admit
+        self.default_timeout_s = default_timeout_s
+
+    def _timeout(self, context: grpc.aio.ServicerContext) -> float:
+        left = context.time_remaining()
+        return self.default_timeout_s if left is None else max(0.0, left)
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        route = self.routes.get(handler_call_details.method)
+        if route is None:
+            return None  # UNIMPLEMENTED, as for any unknown method
+        ch = self.upstreams.channel(route.upstream)
+        if not route.client_streaming and not route.server_streaming:
+            return grpc.unary_unary_rpc_method_handler(self._unary_unary(route, ch))
+        if not route.client_streaming:
+            return grpc.unary_stream_rpc_method_handler(self._unary_stream(route, ch))
+        if not route.server_streaming:
+            return grpc.stream_unary_rpc_method_handler(self._stream_unary(route, ch))
+        return grpc.stream_stream_rpc_method_handler(self._stream_stream(route, ch))
+
+    def _unary_unary(self, route: Route, ch: grpc.aio.Channel):  # type: ignore[no-untyped-def]
+        rpc = ch.unary_unary(route.path)
+
+        async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes | None:
+            fwd = await self.admit(route, context, request)
+            call = rpc(fwd.request(request), timeout=self._timeout(context), metadata=_traced(fwd.metadata))
+            await _pass(fwd, call)
+            return await _answer(call, fwd, context)
+
+        return handle
+
+    def _unary_stream(self, route: Route, ch: grpc.aio.Channel):  # type: ignore[no-untyped-def]
+        rpc = ch.unary_stream(route.path)
+
+        async def handle(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+            fwd = await self.admit(route, context, request)
+            call = rpc(fwd.request(request), timeout=self._timeout(context), metadata=_traced(fwd.metadata))
+            await _pass(fwd, call)
+            async for msg in self._relay(call, fwd, context):
+                yield msg
+
+        return handle
+
+    def _stream_unary(self, route: Route, ch: grpc.aio.Channel):  # type: ignore[no-untyped-def]
+        rpc = ch.stream_unary(route.path)
+
+        async def handle(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes | None:
+            first, rest = await _peek(requests)
+            fwd = await self.admit(route, context, first)
+            call = rpc(timeout=self._timeout(context), metadata=_traced(fwd.metadata))
+            async with _pumping(call, first, rest, fwd.request):
+                await _pass(fwd, call)
+                return await _answer(call, fwd, context)
+
+        return handle
+
+    def _stream_stream(self, route: Route, ch: grpc.aio.Channel):  # type: ignore[no-untyped-def]
+        rpc = ch.stream_stream(route.path)
+
+        async def handle(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+            first, rest = await _peek(requests)
+            fwd = await self.admit(route, context, first)
+            call = rpc(timeout=self._timeout(context), metadata=_traced(fwd.metadata))
+            async with _pumping(call, first, rest, fwd.request):
+                await _pass(fwd, call)
+                async for msg in self._relay(call, fwd, context):
+                    yield msg
+
+        return handle
+
+    async def _relay(self, call, fwd: Forward, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:  # type: ignore[no-untyped-def]
+        last, code = None, grpc.StatusCode.CANCELLED
+        try:
+            async for msg in call:
+                last = msg
+                yield fwd.response(msg)
+            code = grpc.StatusCode.OK
+            extra = fwd.tail()
+            if extra is not None:
+                yield extra
+        except grpc.aio.AioRpcError as err:
+            code = err.code()
+            await _relay_error(context, err)
+        finally:
+            call.cancel()  # the client went away (or we are done): stop the upstream too
+            await fwd.done(code, last)
+
+
+def _traced(metadata: Metadata) -> list[tuple[str, str | bytes]]:
+    """The call's metadata plus the current trace context (W3C ``traceparent``)."""
+    carrier: dict[str, str] = {}
+    inject(carrier)
+    return [*metadata, *carrier.items()]
+
+
+async def _pass(fwd: Forward, call) -> None:  # type: ignore[no-untyped-def]
+    if fwd.gate is None:
+        return
+    try:
+        await fwd.gate
+    except BaseException:
+        call.cancel()
+        raise
+
+
+async def _answer(call, fwd: Forward, context: grpc.aio.ServicerContext) -> bytes | None:  # type: ignore[no-untyped-def]
+    """The single response of a unary-response call, or the upstream's status."""
+    try:
+        response = await call
+    except grpc.aio.AioRpcError as err:
+        await fwd.done(err.code(), None)
+        await _relay_error(context, err)
+        return None
+    await fwd.done(grpc.StatusCode.OK, response)
+    context.set_trailing_metadata(tuple(forwardable(await call.trailing_metadata())))
+    return fwd.response(response)
+
+
+async def _peek(requests: AsyncIterator[bytes]) -> tuple[bytes | None, AsyncIterator[bytes]]:
+    """The first message of a client stream (signatures cover it) and the stream."""
+    it = requests.__aiter__()
+    try:
+        return await it.__anext__(), it
+    except StopAsyncIteration:
+        return None, it
+
+
+@contextlib.asynccontextmanager
+async def _pumping(call, first: bytes | None, rest: AsyncIterator[bytes], fn: Transform) -> AsyncIterator[None]:  # type: ignore[no-untyped-def]
+    """Copies the client's stream to the upstream call (``fn`` applied) while the body
+    runs. An upstream that ends the call early (e.g. an upload over its size limit)
+    stops the copy; the call's own status is what the client gets, and no read of the
+    client's stream outlives the call."""
+
+    async def pump() -> None:
+        try:
+            if first is not None:
+                await call.write(fn(first))
+                async for msg in rest:
+                    await call.write(fn(msg))
+            await call.done_writing()
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
+            pass  # the upstream finished first: its status is the answer
+
+    task = asyncio.create_task(pump())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task

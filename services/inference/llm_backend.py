@@ -1,0 +1,220 @@
+"""The Triton ``llm`` model as seen by the inference service.
+
+Every call goes through Triton's bidirectional stream API (the model is
+decoupled); a unary generation is one request answered by one final response.
+Triton's errors are mapped here, once, to domain errors.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+import tritonclient.grpc.aio as triton
+from prometheus_client import Counter, Histogram
+from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.utils import InferenceServerException
+
+from llmesh.runtime.channels import channel_options
+from llmesh.runtime.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InvalidArgument,
+    LlmeshError,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+from llmesh.services.inference.sampling import Sampling
+
+ADAPTER_REQUESTS = Counter(
+    "llmesh_adapter_requests_total", "Generations per adapter version (A/B arms) and outcome", ["adapter", "outcome"]
+)
+ADAPTER_LATENCY = Histogram(
+    "llmesh_adapter_latency_seconds",
+    "Time to the last token per adapter version",
+    ["adapter"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+
+
+def _observe(adapter: str, outcome: str, started: float) -> None:
+    """Per adapter version: what an A/B split's arms are compared on."""
+    arm = adapter or "<base>"
+    ADAPTER_REQUESTS.labels(arm, outcome).inc()
+    if outcome == "ok":
+        ADAPTER_LATENCY.labels(arm).observe(time.perf_counter() - started)
+
+
+OUTPUTS = ("text", "prompt_tokens", "completion_tokens", "finish_reason")
+# The model prefixes its errors with the status it means ("NOT_FOUND: adapter 'x' not found").
+_TAGGED = re.compile(r"(INVALID_ARGUMENT|NOT_FOUND|RESOURCE_EXHAUSTED|UNAVAILABLE):\s*(.*)", re.S)
+# Reconnect quickly after Triton restarts instead of gRPC's default backoff (up to 120 s).
+_RECONNECT = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+
+@dataclass(frozen=True)
+class GenerationInput:
+    sampling: Sampling
+    prompt: str | None = None
+    messages: Sequence[dict[str, str]] | None = None
+    adapter: str = ""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A text delta (streaming) or the whole text (unary); ``finish_reason`` set on the last."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "" until the last chunk, then "stop" | "length" | "cancelled"
+
+
+def _tensor(name: str, value: object, dtype: str) -> InferInput:
+    np_type = {"BYTES": np.object_, "INT32": np.int32, "INT64": np.int64, "FP32": np.float32, "BOOL": np.bool_}[dtype]
+    arr = np.array([[value.encode() if isinstance(value, str) else value]], dtype=np_type)
+    t = InferInput(name, list(arr.shape), dtype)
+    t.set_data_from_numpy(arr)
+    return t
+
+
+def build_inputs(inp: GenerationInput, stream: bool) -> list[InferInput]:
+    """Always the full set of inputs, with neutral values for unset ones: Triton's
+    dynamic batcher only batches requests that carry the same input names."""
+    s = inp.sampling
+    if inp.prompt is not None:
+        text = _tensor("prompt", inp.prompt, "BYTES")
+    else:
+        text = _tensor("messages_json", json.dumps(list(inp.messages or []), ensure_ascii=False), "BYTES")
+    return [
+        text,
+        _tensor("max_tokens", s.max_tokens, "INT32"),
+        _tensor("temperature", s.temperature, "FP32"),
+        _tensor("top_p", s.top_p, "FP32"),
+        _tensor("top_k", s.top_k, "INT32"),
+        _tensor("repetition_penalty", s.repetition_penalty, "FP32"),
+        _tensor("seed", -1 if s.seed is None else s.seed, "INT64"),  # negative: random
+        _tensor("stop_json", json.dumps(list(s.stop), ensure_ascii=False), "BYTES"),
+        _tensor("adapter", inp.adapter, "BYTES"),
+        _tensor("stream", stream, "BOOL"),
+    ]
+
+
+# The model's input names → the API's field names.
+API_FIELDS = {
+    "messages_json": "message",
+    "stop_json": "sampling.stop",
+    "max_tokens": "sampling.max_tokens",
+    "temperature": "sampling.temperature",
+    "top_p": "sampling.top_p",
+    "top_k": "sampling.top_k",
+    "seed": "sampling.seed",
+    "repetition_penalty": "sampling.repetition_penalty",
+}
+
+
+def map_error(exc: BaseException) -> LlmeshError:
+    """Triton/gRPC failure → domain error (never INTERNAL for a peer being down)."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        code = exc.code()
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return DeadlineExceeded("deadline exceeded while generating")
+        if code == grpc.StatusCode.CANCELLED:
+            return Cancelled("generation cancelled")
+        return Unavailable(f"triton unavailable: {code.name}: {exc.details()}", retry_after_s=1.0)
+    msg = str(exc.message() if isinstance(exc, InferenceServerException) else exc) or repr(exc)
+    m = _TAGGED.search(msg)
+    if m:
+        kind, detail = m.groups()
+        if kind == "NOT_FOUND":
+            name = re.search(r"'([^']*)'", detail)
+            return NotFound("adapter", name.group(1) if name else detail)
+        if kind == "INVALID_ARGUMENT":
+            field, _, why = detail.partition(":")
+            field = field.strip()
+            return InvalidArgument(API_FIELDS.get(field, field), why.strip() or detail)
+        if kind == "RESOURCE_EXHAUSTED":
+            return ResourceExhausted(detail, retry_after_s=1.0)
+        return Unavailable(detail)
+    if "unknown model" in msg or "not ready" in msg or "not found" in msg:
+        return Unavailable(f"model not available: {msg}", retry_after_s=2.0)
+    return Unavailable(f"triton error: {msg}", retry_after_s=1.0)
+
+
+class LlmBackend:
+    def __init__(self, address: str, model: str) -> None:
+        self.address = address
+        self.model = model
+        self._client = triton.InferenceServerClient(address, channel_args=channel_options() + _RECONNECT)
+
+    async def ready(self) -> None:
+        """Raise Unavailable unless Triton is live and the model is loaded."""
+        try:
+            if not await self._client.is_model_ready(self.model):
+                raise Unavailable(f"triton model '{self.model}' is not ready")
+        except InferenceServerException as e:
+            raise Unavailable(f"triton at {self.address}: {e.message()}") from e
+
+    async def models(self) -> list[tuple[str, str, bool]]:
+        try:
+            index = await self._client.get_model_repository_index(as_json=True)
+        except InferenceServerException as e:
+            raise Unavailable(f"triton at {self.address}: {e.message()}") from e
+        return [(m["name"], m.get("version", ""), m.get("state") == "READY") for m in index.get("models", [])]
+
+    async def stream(self, inp: GenerationInput, *, timeout: float, stream: bool = True) -> AsyncIterator[Chunk]:
+        """Chunks from Triton; cancelling the consumer cancels the Triton request."""
+        request = {
+            "model_name": self.model,
+            "inputs": build_inputs(inp, stream),
+            "outputs": [InferRequestedOutput(n) for n in OUTPUTS],
+        }
+
+        async def requests() -> AsyncIterator[dict[str, object]]:
+            yield request
+
+        responses = self._client.stream_infer(requests(), stream_timeout=timeout)
+        started = time.perf_counter()
+        try:
+            async for result, error in responses:
+                if error is not None:
+                    raise map_error(error)
+                if result.as_numpy("text") is None:  # a flags-only final response
+                    break
+                chunk = Chunk(
+                    text=result.as_numpy("text").reshape(-1)[0].decode("utf-8"),
+                    prompt_tokens=int(result.as_numpy("prompt_tokens").reshape(-1)[0]),
+                    completion_tokens=int(result.as_numpy("completion_tokens").reshape(-1)[0]),
+                    finish_reason=result.as_numpy("finish_reason").reshape(-1)[0].decode(),
+                )
+                if chunk.finish_reason:  # recorded before the last yield: a consumer may stop here
+                    _observe(inp.adapter, "ok", started)
+                yield chunk
+                if chunk.finish_reason:
+                    return
+        except (grpc.aio.AioRpcError, InferenceServerException) as e:
+            _observe(inp.adapter, "error", started)
+            raise map_error(e) from e
+        finally:
+            responses.cancel()
+        raise Unavailable("triton closed the stream before the final response")
+
+    async def complete(self, inp: GenerationInput, *, timeout: float) -> Chunk:
+        """A whole generation in one response (batched by Triton's dynamic batcher)."""
+        async for chunk in self.stream(inp, timeout=timeout, stream=False):
+            if chunk.finish_reason:
+                return chunk
+        raise Unavailable("triton returned no final response")
+
+    async def close(self) -> None:
+        await self._client.close()

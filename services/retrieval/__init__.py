@@ -1,0 +1,1 @@
+"""The retrieval service (filled by a later issue)."""

@@ -1,0 +1,308 @@
+"""One training job in its own process: ``python -m llmesh.services.trainer.worker JOB_ID``
+(config from ``LLMESH_CONFIG`` / ``LLMESH_HOME``, like the services).
+
+The service starts a worker per job, so a crash (out of memory, a bad kernel) takes
+down only the job. Progress, events and the outcome go to the trainer database.
+Every ``checkpoint_every_steps`` the adapter, optimizer, scheduler and RNG states are
+saved (atomically) to ``trainer/jobs/<id>/checkpoint``; a restarted worker resumes
+from there. SIGTERM checkpoints and exits with ``EXIT_INTERRUPTED`` (the job stays
+queued); a cancel request stops the job at the next step.
+
+Exit codes: 0 the job reached a final state (succeeded/failed/cancelled, recorded);
+75 interrupted (resume later); anything else: a crash the service counts as an attempt.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import sys
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+EXIT_INTERRUPTED = 75
+# Projections LoRA targets per architecture family, in order of preference.
+TARGETS = (
+    ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),  # llama, qwen, mistral
+    ("c_attn", "c_proj", "c_fc"),  # gpt2
+    ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),  # bloom, falcon, gpt-neox
+)
+
+
+def detect_target_modules(model: Any) -> list[str]:
+    import torch
+
+    leaves = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    for family in TARGETS:
+        found = [t for t in family if t in leaves]
+        if found:
+            return found
+    return sorted(leaves - {"lm_head"})
+
+
+def load_base(path: str, *, qlora: bool) -> Any:
+    """The base model: float32 (on the GPU when there is one); with ``qlora`` (the service admits it only when a
+    CUDA GPU and bitsandbytes are present) 4-bit NF4 weights with bf16 compute on the GPU,
+    prepared for k-bit training — QLoRA (Dettmers et al., 2023)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if not qlora:
+        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+        return model.to("cuda") if torch.cuda.is_available() else model
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, device_map={"": 0})
+    return prepare_model_for_kbit_training(model)
+
+
+class Interrupted(Exception):
+    pass
+
+
+class Job:
+    """The running job's view of the database."""
+
+    def __init__(self, conn: sqlite3.Connection, job_id: str) -> None:
+        from llmesh.services.trainer.store import job_row
+
+        self.conn = conn
+        self.id = job_id
+        row = job_row(conn, job_id)
+        if row is None:
+            raise SystemExit(f"no job {job_id}")
+        self.row = row
+        self.params: dict[str, Any] = json.loads(row["params"])
+
+    def update(self, event: tuple[str, str] | None = None, **fields: Any) -> None:
+        from llmesh.services.trainer.store import update_job
+
+        update_job(self.conn, self.id, event, **fields)
+
+    def cancelled(self) -> bool:
+        row = self.conn.execute("SELECT cancel_requested FROM jobs WHERE job_id = ?", (self.id,)).fetchone()
+        return bool(row["cancel_requested"])
+
+
+def _save_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, step: int, losses: list) -> None:
+    import torch
+
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp / "adapter")
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "step": step,
+            "losses": losses,
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": random.getstate(),
+        },
+        tmp / "state.pt",
+    )
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.rename(path, old)
+    os.rename(tmp, path)  # the new checkpoint is complete before the old one goes
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def train(cfg: Any, job: Job) -> None:
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoTokenizer, get_linear_schedule_with_warmup
+
+    from llmesh.adapter_store import folder
+    from llmesh.services.trainer import registry
+    from llmesh.services.trainer.datasets import from_jsonl
+    from llmesh.services.trainer.encoding import collate, encode
+    from llmesh.services.trainer.evaluate import evaluate, loss_curve_png
+
+    p = job.params
+    work = cfg.trainer_dir / "jobs" / job.id
+    work.mkdir(parents=True, exist_ok=True)
+    data_dir = cfg.trainer_dir / "datasets" / job.row["dataset_id"]
+    train_set = [ex.as_dicts() for ex in from_jsonl((data_dir / "train.jsonl").read_bytes())]
+    eval_set = [ex.as_dicts() for ex in from_jsonl((data_dir / "eval.jsonl").read_bytes())]
+    torch.manual_seed(p["seed"])
+    random.seed(p["seed"])
+
+    base_path = str(cfg.llm_path)
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    base = load_base(base_path, qlora=p["qlora"])
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = [encode(tokenizer, m, p["max_length"], p["response_only_loss"]) for m in train_set]
+
+    checkpoint = work / "checkpoint"
+    resumed = checkpoint.is_dir()
+    if resumed:
+        model = PeftModel.from_pretrained(base, checkpoint / "adapter", is_trainable=True)
+    else:
+        targets = p["target_modules"] or detect_target_modules(base)
+        p["target_modules"] = targets
+        model = get_peft_model(
+            base,
+            LoraConfig(
+                r=p["rank"],
+                lora_alpha=p["alpha"],
+                lora_dropout=p["dropout"],
+                target_modules=targets,
+                task_type="CAUSAL_LM",
+            ),
+        )
+    params = [x for x in model.parameters() if x.requires_grad]
+    device = params[0].device
+    optimizer = torch.optim.AdamW(params, lr=p["learning_rate"], weight_decay=0.0)
+    per_epoch = math.ceil(len(encoded) / p["batch_size"])
+    total = per_epoch * p["epochs"]
+    if p["max_steps"]:
+        total = min(total, p["max_steps"])
+    scheduler = get_linear_schedule_with_warmup(optimizer, min(10, total // 10), total)
+    step, losses = 0, []
+    if resumed:
+        state = torch.load(checkpoint / "state.pt", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, losses = state["step"], state["losses"]
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        job.update(("resumed", f"from the checkpoint at step {step}"))
+    else:
+        job.update(
+            (
+                "started",
+                f"{len(encoded)} examples, {total} steps, LoRA r={p['rank']} on {', '.join(p['target_modules'])}",
+            )
+        )
+
+    stop = {"term": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(term=True))
+    model.train()
+    t0, done_at_start, last_report = time.monotonic(), step, 0.0
+    while step < total:
+        epoch = step // per_epoch
+        order = list(range(len(encoded)))
+        random.Random(p["seed"] + epoch).shuffle(order)  # the same order when resumed
+        i = step % per_epoch
+        batch = collate([encoded[j] for j in order[i * p["batch_size"] : (i + 1) * p["batch_size"]]], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        losses.append([step, float(loss.item())])
+        now = time.monotonic()
+        if now - last_report > 0.5 or step == total:
+            last_report = now
+            rate = (step - done_at_start) / max(1e-6, now - t0)
+            progress = {
+                "step": step,
+                "total_steps": total,
+                "epoch": epoch + 1,
+                "loss": losses[-1][1],
+                "learning_rate": scheduler.get_last_lr()[0],
+                "steps_per_second": rate,
+                "eta_seconds": (total - step) / rate if rate else 0.0,
+            }
+            job.update(("progress", f"step {step}/{total} loss {losses[-1][1]:.4f}"), progress=progress)
+            if job.cancelled():
+                job.update(("cancelled", f"cancelled at step {step}"), state="cancelled", finished_at=time.time())
+                return
+        if step % cfg.trainer.checkpoint_every_steps == 0 or stop["term"]:
+            _save_checkpoint(checkpoint, model, optimizer, scheduler, step, losses)
+        if stop["term"]:
+            raise Interrupted(f"stopped at step {step} (checkpointed)")
+
+    limit = cfg.trainer.eval_generate_limit
+    with model.disable_adapter():
+        base_metrics = evaluate(model, tokenizer, eval_set[:limit], max_length=p["max_length"], max_new_tokens=128)
+    tuned_metrics = evaluate(model, tokenizer, eval_set[:limit], max_length=p["max_length"], max_new_tokens=128)
+    job.update(
+        ("evaluated", f"ROUGE-L base {base_metrics.rouge_l:.3f} → adapter {tuned_metrics.rouge_l:.3f}"),
+        base_eval=asdict(base_metrics),
+        tuned_eval=asdict(tuned_metrics),
+    )
+
+    staged = work / "staged"
+    shutil.rmtree(staged, ignore_errors=True)
+    model.save_pretrained(staged)
+    loss_curve_png(
+        [(s, v) for s, v in losses],
+        [(step, tuned_metrics.loss)],
+        staged / "loss.png",
+        f"{p['adapter_name']} ({job.id})",
+    )
+    lineage = {
+        "job_id": job.id,
+        "base_model": base_path,
+        "dataset_id": job.row["dataset_id"],
+        "hyperparameters": p,
+        "base": asdict(base_metrics),
+        "tuned": asdict(tuned_metrics),
+    }
+    (staged / "lineage.json").write_text(json.dumps(lineage, indent=1, ensure_ascii=False))
+    version = registry.register(
+        job.conn,
+        cfg.adapter_dir,
+        staged,
+        name=p["adapter_name"],
+        job_id=job.id,
+        base_model=base_path,
+        base_sha=registry.model_fingerprint(cfg.llm_path),
+        dataset_id=job.row["dataset_id"],
+        hyperparameters={k: str(v) for k, v in p.items()},
+        base_eval=asdict(base_metrics),
+        tuned_eval=asdict(tuned_metrics),
+        min_improvement=p["min_improvement"],
+        created_by=job.row["created_by"],
+    )
+    ref = folder(p["adapter_name"], version)
+    job.update(("succeeded", f"published {ref}"), state="succeeded", adapter_ref=ref, finished_at=time.time())
+    shutil.rmtree(checkpoint, ignore_errors=True)
+
+
+def main() -> None:
+    from llmesh.config import load_config
+    from llmesh.services.trainer.store import worker_connection
+
+    job_id = sys.argv[1]
+    cfg = load_config()
+    conn = worker_connection(cfg.trainer_dir / "trainer.db")
+    job = Job(conn, job_id)
+    try:
+        train(cfg, job)
+    except Interrupted as e:
+        job.update(("interrupted", str(e)))
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as e:  # a failure of this job, recorded; not a crash of the worker
+        traceback.print_exc()
+        job.update(
+            ("failed", f"{type(e).__name__}: {e}"),
+            state="failed",
+            error=f"{type(e).__name__}: {e}",
+            finished_at=time.time(),
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""The main job on the embedded default: the mesh comes up and shows what it does,
+every call going through the gateway with an API key the demo creates."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from rich.console import Console
+from rich.panel import Panel
+
+from llmesh.auth_client import ApiKey, gateway_channel
+from llmesh.client import describe_error, local_channel, sampling
+from llmesh.pb.common.v1 import types_pb2
+from llmesh.pb.inference.v1 import inference_pb2 as pb
+from llmesh.pb.inference.v1 import inference_pb2_grpc as pb_grpc
+from llmesh.pb.security.v1 import security_pb2, security_pb2_grpc
+from llmesh.pb.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+from llmesh.config import MeshConfig
+from llmesh.runtime.identity import Principal
+
+console = Console()
+DEMO_TENANT = "demo"
+
+NEXT_STEPS = """\
+The mesh is running (127.0.0.1 only). The demo's API key is in {key_file} (0600).
+Your own first call through the gateway ({gateway}):
+  llmesh keys create --owner me --scope 'inference:*'       prints key_id=... and secret=... (once)
+  python - <<'PY'
+  from llmesh.auth_client import ApiKey, gateway_channel
+  from llmesh.pb.inference.v1 import inference_pb2 as pb, inference_pb2_grpc as pb_grpc
+  stub = pb_grpc.InferenceStub(gateway_channel("{gateway}", ApiKey("KEY_ID", "SECRET")))
+  print(stub.Generate(pb.GenerateRequest(prompt="我的手机号是13812348000"), timeout=60).text)
+  PY
+Operator commands on this host:
+  llmesh status                                  every process, health, port, pid
+  llmesh generate "你好" --stream                 stream tokens (straight to the inference service)
+  llmesh chat                                    interactive chat with server-side memory
+  llmesh audit query --limit 10                  the audit trail of the calls above
+  llmesh compliance report                       checks of the running configuration, with evidence
+  llmesh adapters list                           the adapter registry (versions, aliases, evaluation)
+  llmesh train my.jsonl --name my-adapter --watch    a LoRA job on your own data
+  grpcurl -plaintext {gateway} list        the public API by reflection
+  llmesh down                                    stop everything
+Demo models have random weights: text is noise until llm_path points at a real model
+(see README, "Real models"); the faq adapter above has memorised the bundled FAQ."""
+
+DEMO_SCOPES = ["inference:*", "trainer:*"]
+# Enough for the ~1M-parameter demo LM to memorise the 20 FAQ pairs in seconds on a CPU.
+FAQ_TRAINING = dict(epochs=60, learning_rate=3e-3, batch_size=4, max_length=192, seed=1)
+FAQ_RANK = 16
+PII_PROMPT = "我的手机号是13812348000，邮箱zhang.san@example.com，VPN密码忘了怎么办？"
+
+
+def _section(title: str) -> None:
+    console.rule(f"[bold]{title}")
+
+
+def demo_key(cfg: MeshConfig) -> ApiKey:
+    """The demo's API key: created once through the security service and kept in
+    ``LLMESH_HOME/demo/api-key.json`` (0600); a revoked or lost one is replaced."""
+    path = cfg.home / "demo" / "api-key.json"
+    security = security_pb2_grpc.SecurityStub(
+        local_channel(f"{cfg.security.server.host}:{cfg.security.server.port}", cfg.home)
+    )
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        try:
+            issued = security.IssueToken(
+                security_pb2.IssueTokenRequest(key_id=saved["key_id"], secret=saved["secret"]), timeout=10
+            )
+            if set(issued.scopes) == set(DEMO_SCOPES):
+                return ApiKey(saved["key_id"], saved["secret"])
+        except grpc.RpcError:
+            pass  # revoked, expired or from another mesh: make a new one
+    created = security.CreateApiKey(
+        security_pb2.CreateApiKeyRequest(owner="demo", tenant=DEMO_TENANT, scopes=DEMO_SCOPES, roles=["user"]),
+        timeout=10,
+    )
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"key_id": created.key.key_id, "secret": created.secret}, f)
+    return ApiKey(created.key.key_id, created.secret)
+
+
+def run_demo(cfg: MeshConfig, config_path: Path | None, timeout: float) -> int:
+    from llmesh.launcher import control
+
+    if not cfg.triton.llm_path and not (cfg.llm_path / "config.json").is_file():
+        from llmesh.demo.models import init_models
+
+        console.print("building demo models ...")
+        init_models(cfg.home)
+    try:
+        control.up(cfg, config_path=config_path, timeout=timeout)
+    except control.LauncherError as e:
+        console.print(f"[red]{e}[/red]")
+        return 1
+    control.render_status(control.status(cfg))
+    gateway = f"{cfg.gateway.server.host}:{cfg.gateway.server.port}"
+    try:
+        key = demo_key(cfg)
+        console.print(
+            f"API key [bold]{key.key_id}[/bold] (tenant {DEMO_TENANT}, scopes {' '.join(DEMO_SCOPES)}); "
+            f"every call below goes through the gateway {gateway}: JWT from Security/IssueToken, "
+            "HMAC signature, scope check, rate limits, PII masking, audit"
+        )
+        channel = gateway_channel(gateway, key)
+        show(cfg, pb_grpc.InferenceStub(channel), key)
+        adapt(pb_grpc.InferenceStub(channel), trainer_pb2_grpc.TrainerStub(channel))
+        channel.close()
+    except grpc.RpcError as e:
+        console.print(f"[red]{describe_error(e)}[/red]")
+        return 1
+    _section("next")
+    print(NEXT_STEPS.format(gateway=gateway, key_file=cfg.home / "demo" / "api-key.json"))
+    return 0
+
+
+def adapt(inference: pb_grpc.InferenceStub, trainer: trainer_pb2_grpc.TrainerStub) -> None:
+    """Train a LoRA adapter on the bundled FAQ (once), publish it as faq@live, and
+    compare the answers of the base model and the adapter."""
+    from llmesh.cli_trainer import upload, watch
+    from llmesh.demo.models import faq_pairs
+
+    _section("LoRA adapter trained on the bundled FAQ (trainer service, published without a Triton restart)")
+    pairs = faq_pairs()
+    try:
+        live = trainer.GetAdapter(trainer_pb2.GetAdapterRequest(ref="faq@live"), timeout=10)
+        console.print(f"already trained and live: {live.ref} (job {live.job_id})")
+    except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.NOT_FOUND:
+            raise
+        ds = upload(trainer, json.dumps(pairs, ensure_ascii=False).encode(), "faq.json", eval_fraction=0.1, seed=3)
+        console.print(f"dataset {ds.dataset_id}: {ds.train_examples} train + {ds.eval_examples} held-out pairs")
+        job = trainer.CreateJob(
+            trainer_pb2.CreateJobRequest(
+                dataset_id=ds.dataset_id, adapter_name="faq", lora=trainer_pb2.LoraConfig(rank=FAQ_RANK), **FAQ_TRAINING
+            ),
+            timeout=30,
+        )
+        job = watch(trainer, job.job_id)
+        if job.state != trainer_pb2.JOB_STATE_SUCCEEDED:
+            raise RuntimeError(f"training failed: {job.error}")
+        console.print(
+            f"held-out loss: base {job.base.loss:.2f} → adapter {job.tuned.loss:.2f} "
+            f"(perplexity {job.base.perplexity:.0f} → {job.tuned.perplexity:.0f})"
+        )
+        live = trainer.PromoteAdapter(trainer_pb2.PromoteAdapterRequest(ref=job.adapter), timeout=30)
+        console.print(f"published {live.ref} and promoted it to faq@live")
+    greedy = sampling(temperature=0.0, max_tokens=120)
+    for pair in (pairs[1], pairs[0]):
+        before = inference.Chat(pb.ChatRequest(message=pair["question"], sampling=greedy), timeout=120).reply.content
+        after = inference.Chat(
+            pb.ChatRequest(message=pair["question"], adapter="faq", sampling=greedy), timeout=120
+        ).reply.content
+        console.print(f"Q: {pair['question']}", markup=False, soft_wrap=True)
+        console.print(f"   base model:   {before.strip()[:100]!r}", markup=False, soft_wrap=True)
+        console.print(f"   adapter faq:  {after.strip()[:100]!r}", markup=False, soft_wrap=True)
+
+
+def show(cfg: MeshConfig, stub: pb_grpc.InferenceStub, key: ApiKey) -> None:
+    _section("streamed generation (GenerateStream)")
+    prompt = "如何重置密码?"
+    console.print(f"prompt: {prompt}")
+    last = None
+    for msg in stub.GenerateStream(
+        pb.GenerateRequest(prompt=prompt, sampling=sampling(max_tokens=32, seed=7, temperature=0.8)), timeout=120
+    ):
+        sys.stdout.write(msg.text_delta)
+        sys.stdout.flush()
+        last = msg
+    print()
+    if last is not None:
+        console.print(
+            f"[dim]usage: {last.usage.prompt_tokens} prompt + {last.usage.completion_tokens} completion tokens[/dim]"
+        )
+
+    _section("templated prompt (template 'translation', rendered server-side)")
+    variables = {"text": "今天天气很好", "source_lang": "中文", "target_lang": "英文"}
+    rendered = stub.RenderTemplate(pb.TemplateInput(name="translation", variables=variables), timeout=10)
+    console.print(Panel(rendered.prompt, title="rendered prompt"))
+    r = stub.Generate(
+        pb.GenerateRequest(
+            template=pb.TemplateInput(name="translation", variables=variables), sampling=sampling(max_tokens=24)
+        ),
+        timeout=120,
+    )
+    console.print(f"output: {r.text!r}  [dim]({r.usage.total_tokens} tokens)[/dim]")
+
+    _section("PII masked before the model (Chat, two turns with server-side memory)")
+    first = stub.Chat(
+        pb.ChatRequest(message=PII_PROMPT, system_prompt="你是企业IT服务台助手。", sampling=sampling(max_tokens=24)),
+        timeout=120,
+    )
+    console.print(f"you sent:        {PII_PROMPT}")
+    # What the model saw, read straight from the inference service as an operator of the same tenant.
+    operator = Principal("demo-operator", DEMO_TENANT, frozenset({"inference:read", "inference:chat"}))
+    direct = pb_grpc.InferenceStub(
+        local_channel(f"{cfg.inference.server.host}:{cfg.inference.server.port}", cfg.home, operator)
+    )
+    stored = direct.GetConversation(pb.GetConversationRequest(conversation_id=first.conversation_id), timeout=10)
+    seen = next(m.content for m in stored.messages if m.role == types_pb2.ROLE_USER)
+    console.print(f"the model saw:   {seen}", markup=False)
+    console.print(f"reply: {first.reply.content!r}  (placeholders in replies are restored for you)")
+    second = stub.Chat(
+        pb.ChatRequest(conversation_id=first.conversation_id, message="怎么重置?", sampling=sampling(max_tokens=24)),
+        timeout=120,
+    )
+    console.print(
+        f"conversation {second.conversation_id}: reply {second.reply.content!r}, history {second.history_length}"
+    )
+
+    _section("audit trail (security service, hash-chained)")
+    security = security_pb2_grpc.SecurityStub(
+        local_channel(f"{cfg.security.server.host}:{cfg.security.server.port}", cfg.home)
+    )
+    deadline = time.monotonic() + 5
+    records: list = []
+    while time.monotonic() < deadline and len(records) < 4:  # the gateway sends audit in batches
+        records = list(
+            security.QueryAudit(security_pb2.QueryAuditRequest(actor="demo", limit=1000), timeout=10).records
+        )[-4:]
+        time.sleep(0.3)
+    for rec in records:
+        console.print(
+            f"{rec.sequence:>6} {rec.actor} {rec.action.rsplit('/', 1)[-1]:<16} {rec.outcome:<3} "
+            f"pii=[{rec.attributes.get('pii', '')}] latency={rec.attributes.get('latency_ms')} ms",
+            markup=False,
+        )
+    chain = security.VerifyAuditChain(security_pb2.VerifyAuditChainRequest(), timeout=60)
+    console.print(f"chain intact: {chain.intact} ({chain.records} records)")
