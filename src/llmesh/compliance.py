@@ -28,7 +28,7 @@ from google.protobuf.descriptor import Descriptor, MethodDescriptor, ServiceDesc
 
 from llmesh.client import describe_error, local_channel
 from llmesh.launcher.health import DOWN, probe_grpc
-from llmesh.launcher.processes import is_alive, read_state
+from llmesh.launcher.state import is_alive, read_state
 from llmesh.pb.common.v1 import options_pb2
 from llmesh.pb.inference.v1 import inference_pb2, inference_pb2_grpc
 from llmesh.pb.security.v1 import security_pb2, security_pb2_grpc

@@ -25,17 +25,11 @@ from typing import Any
 import psutil
 import pytest
 
-from llmesh.launcher import LauncherError, RestartPolicy, Supervisor, down, logs, status, up
-from llmesh.launcher.processes import (
-    ProcessSpec,
-    inference_spec,
-    pid_path,
-    read_state,
-    redis_spec,
-    running_supervisor,
-    write_specs,
-)
 from llmesh.config import MeshConfig, load_config
+from llmesh.launcher import LauncherError, RestartPolicy, Supervisor, build_specs, down, logs, status, up
+from llmesh.launcher.processes import ProcessSpec, mesh_service_spec, redis_spec
+from llmesh.launcher.state import pid_path, read_state, running_supervisor, write_specs
+from tests.support.sandbox import free_ports
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed"),
@@ -75,19 +69,8 @@ STANDIN = textwrap.dedent(
 FAST = RestartPolicy(backoff_initial_s=0.2, backoff_max_s=0.4)
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _make_home(tmp: Path) -> tuple[MeshConfig, Path]:
-    redis_port, grpc_port, http_port, metrics_port, svc_port = _free_ports(5)
+    redis_port, grpc_port, http_port, metrics_port, svc_port = free_ports(5)
     path = tmp / "llmesh.yaml"
     path.write_text(
         textwrap.dedent(
@@ -107,7 +90,7 @@ def _make_home(tmp: Path) -> tuple[MeshConfig, Path]:
 def _standin(cfg: MeshConfig, path: Path, tmp: Path, *, delay: float = 0.3, name: str = "inference") -> ProcessSpec:
     script = tmp / "standin.py"
     script.write_text(STANDIN)
-    base = inference_spec(cfg, path)  # the real service's env, port and grace
+    base = mesh_service_spec(cfg, path, "inference")  # the real service's env, port and grace
     argv = (sys.executable, str(script), str(base.port), str(delay), str(tmp / "crash"))
     return dataclasses.replace(base, name=name, argv=argv, restart=FAST, start_timeout_s=30)
 
@@ -153,7 +136,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[MeshConfig,
     code = (
         "import sys; from pathlib import Path\n"
         "from llmesh.launcher import up\n"
-        "from llmesh.launcher.processes import read_specs\n"
+        "from llmesh.launcher.state import read_specs\n"
         "from llmesh.config import load_config\n"
         "up(load_config(sys.argv[1], env={}), Path(sys.argv[1]), 40, read_specs(Path(sys.argv[2])))\n"
     )
@@ -315,3 +298,22 @@ def test_missing_redis_binary_is_a_clear_error(tmp_path: Path) -> None:
     cfg = cfg.model_copy(update={"redis": cfg.redis.model_copy(update={"binary": str(tmp_path / "no-redis")})})
     with pytest.raises(LauncherError, match="apt-get install redis-server"):
         redis_spec(cfg)
+
+
+def test_the_mesh_starts_in_dependency_order(tmp_path: Path) -> None:
+    """Every service of services/ is launched, peers before their callers, the gateway last."""
+    cfg, path = _make_home(tmp_path)
+    specs = build_specs(cfg, path)
+    assert [s.name for s in specs] == [
+        "redis", "security", "tritonserver", "inference", "trainer", "embedding", "retrieval", "gateway",
+    ]  # fmt: skip
+    by_name = {s.name: s for s in specs}
+    for name, port, metrics in (
+        ("embedding", cfg.embedding.server.port, cfg.embedding.server.metrics_port),
+        ("retrieval", cfg.retrieval.server.port, cfg.retrieval.server.metrics_port),
+    ):
+        spec = by_name[name]
+        assert spec.argv[1:] == ("-m", f"llmesh.services.{name}")
+        assert spec.health.kind == "grpc" and spec.port == port and metrics in spec.all_ports()
+    with pytest.raises(LauncherError, match="unknown service 'nope'"):
+        mesh_service_spec(cfg, path, "nope")

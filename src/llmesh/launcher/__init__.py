@@ -2,7 +2,10 @@
 processes on 127.0.0.1, without Docker.
 
 - `processes`: what runs (`ProcessSpec`, built from the config by `build_specs`)
+- `tritonserver`: the Triton binary, backends and command line from the pytriton wheel
 - `supervisor`: the detached daemon that starts, restarts and stops them
+- `state`: its files in run_dir (pid, state.json, specs.json) and pid liveness
+- `ports`: the free-port check before a start
 - `health`: the probes (Redis PING, Triton ready, grpc.health.v1)
 - `control`: what the CLI calls (`up`, `down`, `status`, `logs`)
 """

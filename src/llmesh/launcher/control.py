@@ -18,13 +18,12 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
+from llmesh.config import MeshConfig
 from llmesh.launcher.health import DOWN, Health, probe
-from llmesh.launcher.processes import (
-    HealthCheck,
-    LauncherError,
-    ProcessSpec,
-    build_specs,
-    check_ports_free,
+from llmesh.launcher.ports import check_ports_free
+from llmesh.launcher.processes import LOOPBACK, HealthCheck, LauncherError, ProcessSpec, build_specs
+from llmesh.launcher.state import (
+    SUPERVISOR_MODULE,
     is_alive,
     pid_path,
     read_state,
@@ -33,7 +32,7 @@ from llmesh.launcher.processes import (
     state_path,
     write_specs,
 )
-from llmesh.config import MeshConfig
+from llmesh.runtime.files import address
 
 console = Console()
 LOG_TAIL_LINES = 30
@@ -92,7 +91,7 @@ def up(
 
 def _spawn_supervisor(cfg: MeshConfig, config_path: Path | None) -> subprocess.Popen[bytes]:
     argv = [
-        sys.executable, "-m", "llmesh.launcher.supervisor",
+        sys.executable, "-m", SUPERVISOR_MODULE,
         "--config", str(Path(config_path).resolve()) if config_path else "none",
         "--specs", str(specs_path(cfg)),
     ]  # fmt: skip
@@ -287,7 +286,7 @@ def render_status(rows: Sequence[ProcessStatus]) -> None:
             r.name,
             f"[{_STATE_STYLE.get(r.state, 'red')}]{r.state}[/]",
             f"[{_HEALTH_STYLE.get(r.health, 'red')}]{r.health}[/]",
-            f"127.0.0.1:{r.port}",
+            address(LOOPBACK, r.port),
             str(r.pid or "-"),
             str(r.restarts),
         )

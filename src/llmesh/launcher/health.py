@@ -17,6 +17,7 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmesh.launcher.processes import HealthCheck
+from llmesh.runtime.files import address
 
 Health = Literal["SERVING", "NOT_SERVING", "DOWN"]
 SERVING: Health = "SERVING"
@@ -53,7 +54,7 @@ def _http_status(url: str, timeout: float) -> int | None:
 
 def probe_triton(host: str, port: int, models: tuple[str, ...] = (), timeout: float = 1.0) -> Health:
     """Server ready (`/v2/health/ready`) and every listed model ready, over HTTP."""
-    base = f"http://{host}:{port}/v2"
+    base = f"http://{address(host, port)}/v2"
     status = _http_status(f"{base}/health/ready", timeout)
     if status is None:
         return DOWN
@@ -68,7 +69,7 @@ def probe_triton(host: str, port: int, models: tuple[str, ...] = (), timeout: fl
 def probe_grpc(host: str, port: int, timeout: float = 1.0, service: str = "") -> Health:
     """grpc.health.v1 Check; `service=""` asks about the server as a whole."""
     # No proxy: grpc honours http_proxy too, which must not reroute loopback probes.
-    with grpc.insecure_channel(f"{host}:{port}", options=[("grpc.enable_http_proxy", 0)]) as channel:
+    with grpc.insecure_channel(address(host, port), options=[("grpc.enable_http_proxy", 0)]) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)

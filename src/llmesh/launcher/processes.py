@@ -7,20 +7,17 @@ and future services add entries to the list instead of editing the supervisor.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import socket
 import sys
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-import psutil
-
 from llmesh.config import MeshConfig
+from llmesh.runtime.config import ServerSettings
 
 HealthKind = Literal["redis", "triton", "grpc"]
 LOOPBACK = "127.0.0.1"
@@ -101,16 +98,18 @@ class ProcessSpec:
 # --- the embedded mesh ----------------------------------------------------------------
 
 
+# Start order: each starts once the previous one is healthy. Triton before inference
+# (warm-up generates one token); embedding before retrieval (retrieval embeds queries);
+# the gateway last, so the public port opens onto a mesh that answers.
+SERVICE_ORDER = ("security", "tritonserver", "inference", "trainer", "embedding", "retrieval", "gateway")
+
+
 def build_specs(cfg: MeshConfig, config_path: Path | None) -> list[ProcessSpec]:
-    """The embedded mesh in start order: redis → security → tritonserver → inference → trainer → gateway."""
-    return [
-        redis_spec(cfg),
-        security_spec(cfg, config_path),
-        triton_spec(cfg),
-        inference_spec(cfg, config_path),
-        trainer_spec(cfg, config_path),
-        gateway_spec(cfg, config_path),
-    ]
+    """The embedded mesh in start order: redis, then `SERVICE_ORDER`."""
+    specs = [redis_spec(cfg)]
+    for name in SERVICE_ORDER:
+        specs.append(triton_spec(cfg) if name == "tritonserver" else mesh_service_spec(cfg, config_path, name))
+    return specs
 
 
 def redis_binary(cfg: MeshConfig) -> str:
@@ -190,145 +189,15 @@ def service_spec(
     )  # fmt: skip
 
 
-def security_spec(cfg: MeshConfig, config_path: Path | None) -> ProcessSpec:
-    s = cfg.security.server
-    return service_spec(cfg, config_path, "security", "llmesh.services.security", s.port, s.grace_seconds)
-
-
-def gateway_spec(cfg: MeshConfig, config_path: Path | None) -> ProcessSpec:
-    s = cfg.gateway.server
-    return service_spec(cfg, config_path, "gateway", "llmesh.services.gateway", s.port, s.grace_seconds)
-
-
-def trainer_spec(cfg: MeshConfig, config_path: Path | None) -> ProcessSpec:
-    s = cfg.trainer.server
-    return service_spec(cfg, config_path, "trainer", "llmesh.services.trainer", s.port, s.grace_seconds)
-
-
-def inference_spec(cfg: MeshConfig, config_path: Path | None) -> ProcessSpec:
-    s = cfg.inference.server
-    return service_spec(cfg, config_path, "inference", "llmesh.services.inference", s.port, s.grace_seconds)
-
-
-# --- ports ----------------------------------------------------------------------------
-
-
-def port_owner(port: int) -> str:
-    """Best effort 'pid N (name)' of whoever listens on `port` (needs permission)."""
-    try:
-        for c in psutil.net_connections(kind="tcp"):
-            if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN and c.pid:
-                return f"pid {c.pid} ({psutil.Process(c.pid).name()})"
-    except (psutil.Error, OSError):
-        pass
-    return "another process"
-
-
-def port_is_free(port: int, host: str = LOOPBACK) -> bool:
-    # SO_REUSEADDR as servers use it, so TIME_WAIT leftovers do not count as taken.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def check_ports_free(specs: Sequence[ProcessSpec]) -> None:
-    """Refuse to start over someone else's server: a clear error, not a crash loop."""
-    for spec in specs:
-        for port in spec.all_ports():
-            if not port_is_free(port):
-                raise LauncherError(
-                    f"{spec.name}: port {LOOPBACK}:{port} is already in use by {port_owner(port)}; "
-                    "stop it or choose another port in the config"
-                )
-
-
-# --- on-disk layout shared by the supervisor and the CLI --------------------------------
-
-
-def pid_path(cfg: MeshConfig) -> Path:
-    return cfg.run_dir / "supervisor.pid"
-
-
-def state_path(cfg: MeshConfig) -> Path:
-    return cfg.run_dir / "state.json"
-
-
-def specs_path(cfg: MeshConfig) -> Path:
-    return cfg.run_dir / "specs.json"
-
-
-def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
-    """Readers see the old file or the new one, never half of one, even after a crash."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-
-
-def read_state(cfg: MeshConfig) -> dict[str, Any] | None:
-    try:
-        data = json.loads(state_path(cfg).read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def write_specs(path: Path, specs: Sequence[ProcessSpec]) -> None:
-    # 0600: the specs carry the full environment, which may hold secrets.
-    write_atomic(path, json.dumps([s.to_dict() for s in specs], indent=1), mode=0o600)
-
-
-def read_specs(path: Path) -> list[ProcessSpec]:
-    return [ProcessSpec.from_dict(d) for d in json.loads(path.read_text(encoding="utf-8"))]
-
-
-def _reap(pid: int) -> None:
-    # A daemon we spawned ourselves stays a zombie (and looks alive) until reaped.
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
-
-
-def is_alive(pid: int, create_time: float | None = None) -> bool:
-    """Alive and not a zombie; with `create_time`, also the same process (pid reuse)."""
-    _reap(pid)
-    try:
-        p = psutil.Process(pid)
-        if p.status() == psutil.STATUS_ZOMBIE:
-            return False
-        return create_time is None or abs(p.create_time() - create_time) < 0.5
-    except psutil.Error:
-        return False
-
-
-def running_supervisor(cfg: MeshConfig) -> int | None:
-    """The pid of this home's live supervisor, or None (stale pid files are ignored)."""
-    try:
-        pid = int(pid_path(cfg).read_text().strip())
-    except (FileNotFoundError, ValueError):
-        return None
-    if not is_alive(pid):
-        return None
-    try:
-        cmdline = " ".join(psutil.Process(pid).cmdline())
-    except psutil.Error:
-        return None
-    return pid if "llmesh.launcher.supervisor" in cmdline else None
+def mesh_service_spec(cfg: MeshConfig, config_path: Path | None, name: str) -> ProcessSpec:
+    """One of the mesh's own services (`services/<name>/`), by its config section."""
+    servers: dict[str, ServerSettings] = {
+        "security": cfg.security.server, "inference": cfg.inference.server, "trainer": cfg.trainer.server,
+        "embedding": cfg.embedding.server, "retrieval": cfg.retrieval.server, "gateway": cfg.gateway.server,
+    }  # fmt: skip
+    if name not in servers:
+        raise LauncherError(f"unknown service {name!r} (known: {', '.join(servers)})")
+    s = servers[name]
+    spec = service_spec(cfg, config_path, name, f"llmesh.services.{name}", s.port, s.grace_seconds)
+    # /metrics is bound too: a taken metrics port must be refused before the start, like the gRPC one.
+    return replace(spec, ports=(s.metrics_port,) if s.metrics_port else ())

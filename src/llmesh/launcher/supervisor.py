@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import collections
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -24,19 +23,11 @@ from typing import IO, Any, Literal
 
 import psutil
 
-from llmesh.launcher.health import DOWN, SERVING, Health, probe
-from llmesh.launcher.processes import (
-    LauncherError,
-    ProcessSpec,
-    build_specs,
-    check_ports_free,
-    pid_path,
-    read_specs,
-    running_supervisor,
-    state_path,
-    write_atomic,
-)
 from llmesh.config import ConfigError, MeshConfig, load_config
+from llmesh.launcher.health import DOWN, SERVING, Health, probe
+from llmesh.launcher.ports import check_ports_free
+from llmesh.launcher.processes import LauncherError, ProcessSpec, build_specs
+from llmesh.launcher.state import pid_path, read_specs, running_supervisor, write_pid, write_state
 
 State = Literal["starting", "healthy", "unhealthy", "restarting", "crash-loop", "stopped"]
 Phase = Literal["starting", "running", "stopping", "stopped", "failed"]
@@ -381,13 +372,13 @@ class Supervisor:
         }
 
     def _write_state(self) -> None:
-        write_atomic(state_path(self.cfg), json.dumps(self.snapshot(), indent=1))
+        write_state(self.cfg, self.snapshot())
 
     def _write_pid(self) -> None:
         other = running_supervisor(self.cfg)
         if other is not None and other != os.getpid():
             raise LauncherError(f"a supervisor is already running for {self.cfg.home} (pid {other})")
-        write_atomic(pid_path(self.cfg), f"{os.getpid()}\n")
+        write_pid(self.cfg, os.getpid())
 
     def _remove_pid(self) -> None:
         path = pid_path(self.cfg)
@@ -402,7 +393,7 @@ def _write_failed_state(cfg: MeshConfig, message: str) -> None:
         "supervisor_pid": os.getpid(), "started_at": time.time(), "updated_at": time.time(),
         "phase": "failed", "error": message, "processes": [],
     }  # fmt: skip
-    write_atomic(state_path(cfg), json.dumps(state, indent=1))
+    write_state(cfg, state)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
