@@ -1,11 +1,12 @@
 """Files the mesh writes: atomically, durably, and (for secrets) owner-only.
 
 Every writer of state that another process or a later start reads (registries,
-evaluation outputs, launcher state, models, spools, keys) goes through
-:func:`write_atomic`: readers see the old file or the new one, never half of one,
-even after a crash. Secrets go through :func:`create_secret` / :func:`read_secret` /
-:func:`load_or_create_secret`: created 0600 with their full content in one step, and
-refused when another user could read them. :func:`address` is the one way to build a
+evaluation outputs, launcher state, spools, keys) goes through :func:`write_atomic`:
+readers see the old file or the new one, never half of one, even after a crash; a
+folder built in a staging sibling (a model, an adapter) goes into place with
+:func:`publish_dir`. Secrets go through :func:`create_secret` / :func:`write_secret` /
+:func:`read_secret` / :func:`load_or_create_secret`: 0600 with their full content from
+the first byte, and refused when another user could read them. :func:`address` is the one way to build a
 ``host:port`` string (IPv6 hosts are bracketed).
 """
 
@@ -13,8 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import stat
 import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,8 +27,11 @@ __all__ = [
     "create_secret",
     "fsync_dir",
     "load_or_create_secret",
+    "publish_dir",
     "read_secret",
+    "sync_tree",
     "write_atomic",
+    "write_secret",
 ]
 
 # A folder that holds secrets: owner only.
@@ -76,6 +82,47 @@ def write_atomic(path: Path, data: bytes | str, *, mode: int = 0o644, dir_mode: 
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def sync_tree(root: Path) -> None:
+    """fsyncs every file and folder under ``root`` (and ``root`` itself), deepest first."""
+    for folder, _dirs, files in os.walk(root, topdown=False):
+        for name in files:
+            path = os.path.join(folder, name)
+            if os.path.isfile(path) and not os.path.islink(path):
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        fsync_dir(Path(folder))
+
+
+def publish_dir(staged: Path, dest: Path, *, replace: bool = False) -> None:
+    """Moves the finished folder ``staged`` to ``dest`` (same filesystem) durably: its
+    content is fsynced first, so after a crash ``dest`` is complete or absent. An existing
+    ``dest`` is an error unless ``replace`` (then it is moved aside and removed)."""
+    sync_tree(staged)
+    trash: Path | None = None
+    if replace and dest.exists():
+        trash = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(dest, trash)
+    elif dest.exists():
+        raise FileExistsError(f"{dest} already exists")
+    try:
+        os.rename(staged, dest)
+    except BaseException:
+        if trash is not None:
+            os.rename(trash, dest)  # put the old one back
+        raise
+    fsync_dir(dest.parent)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def write_secret(path: Path, data: bytes | str) -> None:
+    """Replaces the secret file ``path`` atomically: 0600 from the first byte, folder 0700."""
+    write_atomic(path, data, mode=SECRET_MODE, dir_mode=SECRET_DIR_MODE)
 
 
 def create_secret(path: Path, data: bytes) -> bool:
