@@ -9,16 +9,16 @@ Heavy imports (torch, matplotlib) happen inside the functions.
 
 from __future__ import annotations
 
+import io
 import math
-import os
 import re
-import tempfile
 import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from llmesh.runtime.files import write_atomic
 from llmesh.services.trainer.encoding import IGNORE_INDEX, collate, encode, pad_token_id, prompt_ids
 
 __all__ = ["Metrics", "rouge_l", "exact_match", "evaluate", "loss_curve_png"]
@@ -247,14 +247,6 @@ def loss_curve_png(
     ax.grid(alpha=0.3)
     fig.tight_layout()
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    write_atomic(Path(path), buf.getvalue())

@@ -4,9 +4,10 @@ weights (TensorRT-LLM builds, vLLM without LoRA, llama.cpp conversion)."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
+
+from llmesh.runtime.files import publish_dir
 
 
 def merge(base: Path, adapter: Path, dest: Path) -> Path:
@@ -27,5 +28,5 @@ def merge(base: Path, adapter: Path, dest: Path) -> Path:
     for extra in ("lineage.json", "loss.png"):  # where it came from travels with it
         if (adapter / extra).is_file():
             shutil.copy2(adapter / extra, tmp / extra)
-    os.rename(tmp, dest)
+    publish_dir(tmp, dest)
     return dest

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from llmesh.adapter_store import ANNOUNCEMENT, DEFAULT_ALIAS, folder
 from llmesh.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from llmesh.runtime.files import publish_dir, write_atomic
 from llmesh.runtime.sqlite import transaction
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -98,9 +99,8 @@ def register(
         row = conn.execute("SELECT COALESCE(MAX(version), 0) AS v FROM adapters WHERE name = ?", (name,)).fetchone()
         version = int(row["v"]) + 1
         final = store / folder(name, version)
-        if final.exists():  # left by a crash between rename and commit: not registered, replace it
-            shutil.rmtree(final)
-        os.rename(staged, final)
+        # A folder left by a crash between rename and commit is not registered: replace it.
+        publish_dir(staged, final, replace=True)
         try:
             conn.execute(
                 "INSERT INTO adapters(name, version, job_id, base_model, base_model_sha256, dataset_id, hyperparameters, "
@@ -180,7 +180,7 @@ def set_split(
     alias = _check_alias(alias)
     if len({v for v, _ in arms}) != len(arms):
         raise InvalidArgument("arms", "each version may appear once")
-    for i, (version, weight) in enumerate(arms):
+    for i, (_version, weight) in enumerate(arms):
         if not (weight > 0 and math.isfinite(weight)):
             raise InvalidArgument(f"arms[{i}].weight", "must be a positive number")
     with transaction(conn):
@@ -261,10 +261,7 @@ def announce(conn: sqlite3.Connection, store: Path) -> None:
         doc.setdefault(row["name"], {"versions": [], "aliases": {}}).setdefault("splits", {})[row["alias"]] = (
             json.loads(row["arms"])
         )
-    store.mkdir(parents=True, exist_ok=True)
-    tmp = store / f".{ANNOUNCEMENT}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps({"adapters": doc}, sort_keys=True))
-    os.replace(tmp, store / ANNOUNCEMENT)
+    write_atomic(store / ANNOUNCEMENT, json.dumps({"adapters": doc}, sort_keys=True))
 
 
 # ---- reads --------------------------------------------------------------------------

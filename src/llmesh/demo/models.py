@@ -27,6 +27,8 @@ import tempfile
 from importlib import resources
 from typing import Any
 
+from llmesh.runtime.files import publish_dir
+
 __all__ = [
     "BUILD_VERSION",
     "CHAT_TEMPLATE",
@@ -119,9 +121,7 @@ def _save_atomically(dest: pathlib.Path, kind: str, *parts: Any) -> pathlib.Path
             json.dumps({"kind": kind, "version": BUILD_VERSION, "files": files}, indent=1) + "\n",
             encoding="utf-8",
         )
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
+        publish_dir(tmp, dest, replace=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
