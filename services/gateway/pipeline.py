@@ -16,7 +16,7 @@ import grpc
 
 from llmesh.auth.policy import authorize
 from llmesh.auth.signature import key_id_of, nonce_key, nonce_ttl, verify
-from llmesh.pb.common.v1 import options_pb2, types_pb2
+from llmesh.pb.common.v1 import types_pb2
 from llmesh.pb.security.v1 import security_pb2, security_pb2_grpc
 from llmesh.runtime.errors import LlmeshError, Unauthenticated
 from llmesh.runtime.identity import IDENTITY_KEY, InternalIdentity
@@ -29,15 +29,8 @@ from llmesh.services.gateway.masking import Masker, Vault
 from llmesh.services.gateway.proxy import Forward, forwardable
 from llmesh.services.gateway.ratelimit import RateLimiter
 from llmesh.services.gateway.routes import Route
+from llmesh.services.gateway.settings import RATE_LIMIT_CLASSES
 
-CLASS_NAMES = {
-    options_pb2.RATE_LIMIT_CLASS_READ: "read",
-    options_pb2.RATE_LIMIT_CLASS_WRITE: "write",
-    options_pb2.RATE_LIMIT_CLASS_GENERATE: "generate",
-    options_pb2.RATE_LIMIT_CLASS_EMBED: "embed",
-    options_pb2.RATE_LIMIT_CLASS_JOB: "job",
-    options_pb2.RATE_LIMIT_CLASS_ADMIN: "admin",
-}
 ANONYMOUS = InternalPrincipal("anonymous", "")
 
 
@@ -116,7 +109,7 @@ class Pipeline:
             refused(e)
             raise
         who = _bucket(caller, context.peer())
-        klass = CLASS_NAMES.get(policy.rate_limit_class, "read")
+        klass = RATE_LIMIT_CLASSES.get(policy.rate_limit_class, "read")
         # One Redis round trip: nonce claim + token budget + request count. Read-class
         # methods are side-effect free by policy, so that round trip overlaps the
         # upstream call (the proxy releases no response before it passed); every other

@@ -63,11 +63,12 @@ from dataclasses import dataclass
 from redis import exceptions as redis_errors
 
 from llmesh.runtime.errors import ResourceExhausted, Unauthenticated, Unavailable
+from llmesh.services.gateway.settings import RATE_LIMIT_CLASSES
 
 log = logging.getLogger(__name__)
 
 PREFIX = "llmesh:rl:"
-CLASSES = ("read", "write", "generate", "embed", "job", "admin")
+CLASSES = tuple(RATE_LIMIT_CLASSES.values())
 DEFAULT_FAIL_OPEN: Mapping[str, bool] = {
     "read": True,
     "embed": True,

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from llmesh.pb.common.v1 import options_pb2
 from llmesh.runtime.config import Section, ServerSettings
+from llmesh.services.gateway.routes import PUBLIC_SERVICES
+
+# The ``rate_limit_class`` method option by number, as the rate_limits table names it
+# ("read", "write", ...): every public method is counted in one of these classes.
+RATE_LIMIT_CLASSES: Mapping[int, str] = {
+    v.number: v.name.removeprefix("RATE_LIMIT_CLASS_").lower()
+    for v in options_pb2.RateLimitClass.DESCRIPTOR.values
+    if v.number != options_pb2.RATE_LIMIT_CLASS_UNSPECIFIED
+}
 
 
 class GatewayPeers(Section):
@@ -45,3 +56,27 @@ class GatewaySettings(Section):
     default_timeout_s: float = 120.0
     # Audit records go to the security service in batches at least this often.
     audit_flush_interval_s: float = Field(default=0.5, gt=0)
+
+    # Refused here, at start-up, rather than as INTERNAL on every call of a method whose
+    # class has no limit.
+    @field_validator("rate_limits", mode="before")
+    @classmethod
+    def _every_class_limited(cls, v: object) -> object:
+        if not isinstance(v, Mapping):
+            return v  # the type check says what is wrong
+        known = list(RATE_LIMIT_CLASSES.values())
+        for name in v:
+            if name not in known:
+                raise ValueError(f"unknown rate-limit class '{name}' (known: {', '.join(known)})")
+        for name in known:
+            if name not in v:
+                raise ValueError(f"no limit for class '{name}', which public methods are counted in")
+        return v
+
+    @field_validator("upstreams")
+    @classmethod
+    def _known_services(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v:
+            if name not in PUBLIC_SERVICES:
+                raise ValueError(f"unknown service '{name}' (known: {', '.join(PUBLIC_SERVICES)})")
+        return v

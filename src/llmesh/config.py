@@ -96,4 +96,4 @@ class MeshConfig(Section):
 
 def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> MeshConfig:
     """The bundled defaults, then the file (``path`` or ``LLMESH_CONFIG``), then the environment."""
-    return validate(MeshConfig, load_layers(DEFAULT_FILE.read_text(), path, env))
+    return validate(MeshConfig, load_layers(MeshConfig, DEFAULT_FILE.read_text(), path, env))

@@ -1,8 +1,12 @@
 from pathlib import Path
 
 import pytest
+from pydantic import Field
 
-from llmesh.config import ConfigError, load_config
+from llmesh.config import DEFAULT_FILE, ConfigError, MeshConfig, load_config
+from llmesh.runtime.config import Section, ServerSettings, load_layers, validate
+from llmesh.services.gateway.routes import PUBLIC_SERVICES, build_routes
+from llmesh.services.gateway.settings import RATE_LIMIT_CLASSES
 
 
 def test_default_config_binds_loopback_and_has_peers() -> None:
@@ -48,3 +52,63 @@ def test_unknown_key_is_rejected(tmp_path: Path) -> None:
 def test_missing_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml", env={})
+
+
+def test_env_override_of_one_rate_limit_keeps_the_other_classes() -> None:
+    # The user's report: raising one limit replaced the whole table (IssueToken, class
+    # admin, then failed with INTERNAL on every call).
+    cfg = load_config(env={"LLMESH__GATEWAY__RATE_LIMITS__GENERATE__REQUESTS": "1000000"})
+    limits = cfg.gateway.rate_limits
+    assert limits["generate"].requests == 1_000_000 and limits["generate"].window_s == 60
+    assert set(limits) == set(RATE_LIMIT_CLASSES.values())
+    assert limits["admin"] == load_config(env={}).gateway.rate_limits["admin"]
+
+
+def test_file_override_merges_into_code_defaults_key_by_key(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("gateway:\n  rate_limits:\n    read: {window_s: 1}\n")
+    cfg = load_config(p, env={"LLMESH__GATEWAY__RATE_LIMITS__READ__REQUESTS": "7"})
+    assert (cfg.gateway.rate_limits["read"].requests, cfg.gateway.rate_limits["read"].window_s) == (7, 1)
+    assert cfg.gateway.rate_limits["job"].requests == 10  # untouched code default
+
+
+class _Limit(Section):
+    n: int
+    unit: str = "s"
+
+
+class _Toy(Section):
+    table: dict[str, _Limit] = Field(default_factory=lambda: {"a": _Limit(n=1), "b": _Limit(n=2)})
+    server: ServerSettings
+
+
+def test_code_defaults_are_the_bottom_layer_of_any_model() -> None:
+    data = load_layers(_Toy, "server: {port: 1}\n", env={"LLMESH__TABLE__B__UNIT": "ms"})
+    toy = validate(_Toy, data)
+    assert toy.table == {"a": _Limit(n=1), "b": _Limit(n=2, unit="ms")}
+    assert toy.server.host == "127.0.0.1" and toy.server.port == 1
+
+
+def test_unknown_rate_limit_class_is_refused_naming_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"gateway\.rate_limits': unknown rate-limit class 'generat'"):
+        load_config(env={"LLMESH__GATEWAY__RATE_LIMITS__GENERAT__REQUESTS": "5"})
+
+
+def test_a_table_without_a_class_that_methods_use_is_refused(tmp_path: Path) -> None:
+    data = load_layers(MeshConfig, DEFAULT_FILE.read_text(), env={})
+    del data["gateway"]["rate_limits"]["admin"]
+    with pytest.raises(ConfigError, match=r"gateway\.rate_limits': no limit for class 'admin'"):
+        validate(MeshConfig, data)
+
+
+def test_every_public_method_is_served_by_the_default_config() -> None:
+    cfg = load_config(env={})
+    routes = build_routes(dict.fromkeys(PUBLIC_SERVICES, "127.0.0.1:1"))
+    assert routes
+    for route in routes.values():
+        assert RATE_LIMIT_CLASSES.get(route.policy.rate_limit_class, "read") in cfg.gateway.rate_limits, route.path
+
+
+def test_unknown_upstream_service_is_refused_naming_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"gateway\.upstreams': unknown service 'llmesh\.nope\.v1\.Nope'"):
+        load_config(env={"LLMESH__GATEWAY__UPSTREAMS": "{llmesh.nope.v1.Nope: '127.0.0.1:1'}"})

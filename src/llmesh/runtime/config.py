@@ -1,8 +1,10 @@
 """Typed configuration: one YAML file plus environment overrides.
 
-Resolution order (later wins): the bundled ``llmesh/default.yaml``, the file named by
-``LLMESH_CONFIG`` (or passed explicitly), then environment variables
-``LLMESH__SECTION__KEY=value`` (value parsed as YAML) and ``LLMESH_HOME``.
+Resolution order (later wins): the defaults the models declare in code, the bundled
+``llmesh/default.yaml``, the file named by ``LLMESH_CONFIG`` (or passed explicitly), then
+environment variables ``LLMESH__SECTION__KEY=value`` (value parsed as YAML) and
+``LLMESH_HOME``. Every layer merges into the one below key by key, tables (mappings)
+included: raising one rate limit keeps the other classes. Lists and scalars replace.
 Peer addresses have no defaults in code: a service whose peers are missing
 refuses to start, naming the key.
 """
@@ -15,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 ENV_PREFIX = "LLMESH__"
 
@@ -64,10 +66,29 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     return tree
 
 
-def load_layers(defaults: str, path: str | Path | None = None, env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """The defaults (YAML text), merged with the file and then the environment, key by key."""
+def code_defaults(model: type[BaseModel]) -> dict[str, Any]:
+    """The defaults ``model`` declares in code (``default`` and ``default_factory``, and
+    those of nested sections that have no default as a whole), as plain data: the bottom
+    layer, so that a table default such as ``gateway.rate_limits`` merges with an
+    override of one of its keys instead of being replaced by it."""
+    out: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        if not field.is_required():
+            value = field.get_default(call_default_factory=True)
+            out[name] = TypeAdapter(field.annotation).dump_python(value)
+        elif isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            if nested := code_defaults(field.annotation):
+                out[name] = nested
+    return out
+
+
+def load_layers(
+    model: type[BaseModel], defaults: str, path: str | Path | None = None, env: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """``model``'s code defaults, then the defaults (YAML text), the file and the
+    environment, each merged into the layers below it key by key."""
     env = os.environ if env is None else env
-    data: dict[str, Any] = yaml.safe_load(defaults) or {}
+    data = _merge(code_defaults(model), yaml.safe_load(defaults) or {})
     path = path or env.get("LLMESH_CONFIG")
     if path:
         p = Path(path)
@@ -87,4 +108,5 @@ def validate(model: type[M], data: Mapping[str, Any]) -> M:
     except ValidationError as e:
         first = e.errors()[0]
         key = ".".join(str(x) for x in first["loc"])
-        raise ConfigError(f"config key '{key}': {first['msg']} ({len(e.errors())} error(s))") from e
+        msg = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"config key '{key}': {msg} ({len(e.errors())} error(s))") from e
