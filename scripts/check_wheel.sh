@@ -11,7 +11,7 @@ command -v "$py" >/dev/null || py=python3
 tmp="$(mktemp -d /tmp/llmesh-wheel.XXXXXX)"
 say() { printf '\033[1m[wheel]\033[0m %s\n' "$*"; }
 cleanup() {
-  [ -x "$tmp/venv/bin/llmesh" ] && LLMESH_CONFIG="$tmp/mesh.yaml" "$tmp/venv/bin/llmesh" down >/dev/null 2>&1 || true
+  [ -x "$tmp/venv/bin/llmesh" ] && LLMESH_CONFIG="$tmp/home/llmesh.yaml" "$tmp/venv/bin/llmesh" down >/dev/null 2>&1 || true
   rm -rf "$tmp"
 }
 trap cleanup EXIT
@@ -39,10 +39,11 @@ say "scratch venv outside the tree: $tmp/venv"
 "$tmp/venv/bin/python" -m pip check
 
 cd "$tmp"   # nothing of the tree on sys.path from here on
+mkdir -p "$tmp/home"
 PYTHONPATH="$root" "$dev_py" -c "
 from pathlib import Path; from tests.support.sandbox import write_config
-write_config(Path('$tmp/home')).rename('$tmp/mesh.yaml')"
-export LLMESH_CONFIG="$tmp/mesh.yaml"
+print(write_config(Path('$tmp/home')))" >/dev/null
+export LLMESH_CONFIG="$tmp/home/llmesh.yaml"
 unset LLMESH_HOME
 bin="$tmp/venv/bin"
 "$bin/python" - <<'PY'
