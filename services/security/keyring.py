@@ -2,7 +2,8 @@
 
 * ``LLMESH_HOME/security/master.key``: 32 random bytes, created 0600 on first
   start. Losing it loses every secret in the database; the service refuses to
-  create a new one while wrapped data keys exist.
+  create a new one while wrapped data keys exist, and refuses to start while group
+  or others can read it (``llmesh.runtime.files.read_secret``).
 * Data keys ``k1, k2, …`` live in the ``data_keys`` table, each wrapped as
   ``nonce(12) || AES-256-GCM(master, key, aad="llmesh-data-key:k<n>") || tag(16)``.
   Encrypt uses the newest version; every version stays available for Decrypt.
@@ -19,10 +20,8 @@
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import sqlite3
-import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from llmesh.runtime.files import create_secret, read_secret
 from llmesh.services.security.store import transaction
 
 log = logging.getLogger("llmesh.security.keyring")
@@ -75,38 +75,17 @@ def _aad(header: bytes, purpose: bytes, associated_data: bytes) -> bytes:
 
 
 def load_master_key(path: Path, *, may_create: bool) -> bytes:
-    if path.exists():
-        mode = stat.S_IMODE(path.stat().st_mode)
-        if mode & 0o077:
-            log.warning(
-                "master key readable by others; fixing to 0600",
-                extra={"fields": {"path": str(path), "mode": oct(mode)}},
-            )
-            path.chmod(0o600)
-        key = path.read_bytes()
-        if len(key) != KEY_BYTES:
-            raise RuntimeError(f"{path}: expected {KEY_BYTES} bytes, found {len(key)}")
-        return key
-    if not may_create:
-        raise RuntimeError(f"{path} is missing but the database holds wrapped data keys: restore the master key")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_bytes(KEY_BYTES)
+    """The master key; refused when group/others can read it or it is not 32 bytes."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another process created it first
-        return load_master_key(path, may_create=False)
-    try:
-        os.write(fd, key)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-    log.info("created master key", extra={"fields": {"path": str(path)}})
-    return key
+        return read_secret(path, size=KEY_BYTES)
+    except FileNotFoundError:
+        if not may_create:
+            raise RuntimeError(
+                f"{path} is missing but the database holds wrapped data keys: restore the master key"
+            ) from None
+    if create_secret(path, secrets.token_bytes(KEY_BYTES)):  # False: another process created it first
+        log.info("created master key", extra={"fields": {"path": str(path)}})
+    return read_secret(path, size=KEY_BYTES)
 
 
 class Keyring:

@@ -17,6 +17,7 @@ import typer
 from llmesh import cli_trainer
 from llmesh.cli_common import ConfigOpt, _config, _fail, console, err
 from llmesh.config import MeshConfig
+from llmesh.runtime import files
 
 app = typer.Typer(
     help="llmesh: serve, adapt and safely expose large models over gRPC.",
@@ -35,7 +36,7 @@ AddressOpt = Annotated[
 
 
 def _address(cfg: MeshConfig, address: str | None) -> str:
-    return address or f"{cfg.inference.server.host}:{cfg.inference.server.port}"
+    return address or files.address(cfg.inference.server.host, cfg.inference.server.port)
 
 
 @models_app.command("init")
@@ -273,7 +274,7 @@ def _security(config: Path | None, rpc: str, request: object, timeout: float = 1
 
     cfg = _config(config)
     s = cfg.security.server
-    stub = security_pb2_grpc.SecurityStub(local_channel(f"{s.host}:{s.port}", cfg.home))
+    stub = security_pb2_grpc.SecurityStub(local_channel(files.address(s.host, s.port), cfg.home))
     try:
         return getattr(stub, rpc)(request, timeout=timeout)
     except grpc.RpcError as e:

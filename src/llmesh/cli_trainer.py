@@ -13,6 +13,7 @@ import typer
 
 from llmesh.cli_common import ConfigOpt, _config, _fail, console
 from llmesh.config import MeshConfig
+from llmesh.runtime import files
 
 adapters_app = typer.Typer(
     help="The adapter registry: versions, aliases, lineage and evaluation.", no_args_is_help=True
@@ -25,7 +26,7 @@ def _stub(cfg: MeshConfig):  # type: ignore[no-untyped-def]
     from llmesh.pb.trainer.v1 import trainer_pb2_grpc
 
     s = cfg.trainer.server
-    return trainer_pb2_grpc.TrainerStub(local_channel(f"{s.host}:{s.port}", cfg.home))
+    return trainer_pb2_grpc.TrainerStub(local_channel(files.address(s.host, s.port), cfg.home))
 
 
 def upload(stub, data: bytes, name: str, eval_fraction: float = 0.1, seed: int = 0) -> object:  # type: ignore[no-untyped-def]

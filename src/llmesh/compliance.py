@@ -34,6 +34,7 @@ from llmesh.pb.inference.v1 import inference_pb2, inference_pb2_grpc
 from llmesh.pb.security.v1 import security_pb2, security_pb2_grpc
 from llmesh.config import MeshConfig
 from llmesh.runtime.config import ServerSettings
+from llmesh.runtime.files import address
 from llmesh.services.security.settings import SecuritySettings
 from llmesh.runtime.identity import HS256_SECRET, INTERNAL_SECRET
 from llmesh.runtime.sqlite import connect as connect_db  # the services' own read-only connection
@@ -121,7 +122,7 @@ def display_url(url: str) -> str:
 
 
 def server_address(s: ServerSettings) -> str:
-    return f"[{s.host}]:{s.port}" if ":" in s.host else f"{s.host}:{s.port}"
+    return address(s.host, s.port)
 
 
 def bind_hosts(cfg: MeshConfig) -> dict[str, str]:
@@ -474,12 +475,12 @@ def live_socket_findings(cfg: MeshConfig) -> list[Finding]:
     sockets = listening_sockets(cfg)
     if sockets is None:
         return [("warn", f"live listening sockets not checked: no live mesh process in {cfg.run_dir / 'state.json'}")]
-    exposed = [f"{name} {ip}:{port}" for name, ip, port in sockets if not is_loopback(ip)]
+    exposed = [f"{name} {address(ip, port)}" for name, ip, port in sockets if not is_loopback(ip)]
     if exposed:
         return [("fail", f"listening beyond loopback: {', '.join(exposed)}")]
     by_proc: dict[str, list[str]] = {}
     for name, ip, port in sorted(sockets):
-        by_proc.setdefault(name, []).append(f"{ip}:{port}")
+        by_proc.setdefault(name, []).append(address(ip, port))
     listing = "; ".join(f"{k} {' '.join(v)}" for k, v in by_proc.items())
     return [("pass", f"live LISTEN sockets of mesh processes, all loopback: {listing}")]
 

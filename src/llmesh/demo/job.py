@@ -4,7 +4,6 @@ every call going through the gateway with an API key the demo creates."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from llmesh.pb.inference.v1 import inference_pb2_grpc as pb_grpc
 from llmesh.pb.security.v1 import security_pb2, security_pb2_grpc
 from llmesh.pb.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from llmesh.config import MeshConfig
+from llmesh.runtime.files import address, read_secret, write_secret
 from llmesh.runtime.identity import Principal
 
 console = Console()
@@ -65,10 +65,10 @@ def demo_key(cfg: MeshConfig) -> ApiKey:
     ``LLMESH_HOME/demo/api-key.json`` (0600); a revoked or lost one is replaced."""
     path = cfg.home / "demo" / "api-key.json"
     security = security_pb2_grpc.SecurityStub(
-        local_channel(f"{cfg.security.server.host}:{cfg.security.server.port}", cfg.home)
+        local_channel(address(cfg.security.server.host, cfg.security.server.port), cfg.home)
     )
     if path.is_file():
-        saved = json.loads(path.read_text())
+        saved = json.loads(read_secret(path))
         try:
             issued = security.IssueToken(
                 security_pb2.IssueTokenRequest(key_id=saved["key_id"], secret=saved["secret"]), timeout=10
@@ -81,10 +81,7 @@ def demo_key(cfg: MeshConfig) -> ApiKey:
         security_pb2.CreateApiKeyRequest(owner="demo", tenant=DEMO_TENANT, scopes=DEMO_SCOPES, roles=["user"]),
         timeout=10,
     )
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"key_id": created.key.key_id, "secret": created.secret}, f)
+    write_secret(path, json.dumps({"key_id": created.key.key_id, "secret": created.secret}))
     return ApiKey(created.key.key_id, created.secret)
 
 
@@ -102,7 +99,7 @@ def run_demo(cfg: MeshConfig, config_path: Path | None, timeout: float) -> int:
         console.print(f"[red]{e}[/red]")
         return 1
     control.render_status(control.status(cfg))
-    gateway = f"{cfg.gateway.server.host}:{cfg.gateway.server.port}"
+    gateway = address(cfg.gateway.server.host, cfg.gateway.server.port)
     try:
         key = demo_key(cfg)
         console.print(
@@ -202,7 +199,7 @@ def show(cfg: MeshConfig, stub: pb_grpc.InferenceStub, key: ApiKey) -> None:
     # What the model saw, read straight from the inference service as an operator of the same tenant.
     operator = Principal("demo-operator", DEMO_TENANT, frozenset({"inference:read", "inference:chat"}))
     direct = pb_grpc.InferenceStub(
-        local_channel(f"{cfg.inference.server.host}:{cfg.inference.server.port}", cfg.home, operator)
+        local_channel(address(cfg.inference.server.host, cfg.inference.server.port), cfg.home, operator)
     )
     stored = direct.GetConversation(pb.GetConversationRequest(conversation_id=first.conversation_id), timeout=10)
     seen = next(m.content for m in stored.messages if m.role == types_pb2.ROLE_USER)
@@ -218,7 +215,7 @@ def show(cfg: MeshConfig, stub: pb_grpc.InferenceStub, key: ApiKey) -> None:
 
     _section("audit trail (security service, hash-chained)")
     security = security_pb2_grpc.SecurityStub(
-        local_channel(f"{cfg.security.server.host}:{cfg.security.server.port}", cfg.home)
+        local_channel(address(cfg.security.server.host, cfg.security.server.port), cfg.home)
     )
     deadline = time.monotonic() + 5
     records: list = []

@@ -10,7 +10,6 @@ and roles, which services read with :meth:`InternalIdentity.principal`.
 
 from __future__ import annotations
 
-import os
 import secrets
 import time
 from collections import OrderedDict
@@ -23,6 +22,7 @@ import jwt
 
 from llmesh.auth import policy
 from llmesh.runtime.errors import PermissionDenied, Unauthenticated
+from llmesh.runtime.files import load_or_create_secret
 
 IDENTITY_KEY = "x-llmesh-identity"
 ISSUER = "llmesh-gateway"
@@ -44,25 +44,9 @@ class Principal:
 
 def load_secret(home: Path, name: str = INTERNAL_SECRET) -> bytes:
     """A 32-byte secret shared by the mesh's processes on this host
-    (``LLMESH_HOME/security/<name>``, 0600); the first process to need it creates it."""
-    path = home / "security" / name
-    # The folder also holds the security service's database and master key: owner only.
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        for _ in range(50):  # another process may be writing it right now
-            data = path.read_bytes()
-            if len(data) == 32:
-                return data
-            time.sleep(0.01)
-        raise RuntimeError(f"{path} is not a 32-byte key")
-    key = secrets.token_bytes(32)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key)
-        f.flush()
-        os.fsync(f.fileno())
-    return key
+    (``LLMESH_HOME/security/<name>``, 0600 in a 0700 folder that also holds the security
+    service's database and master key); the first process to need it creates it."""
+    return load_or_create_secret(home / "security" / name, lambda: secrets.token_bytes(32), size=32)
 
 
 class InternalIdentity:

@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
+from llmesh.runtime import files
 from llmesh.runtime.config import ServerSettings
 from llmesh.runtime.identity import IdentityInterceptor, InternalIdentity
 from llmesh.runtime.interceptors import ErrorMappingInterceptor
@@ -112,7 +113,7 @@ async def run(svc: Service) -> None:
     reflection.enable_server_reflection(
         [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
-    address = f"{s.host}:{s.port}"
+    address = files.address(s.host, s.port)
     if server.add_insecure_port(address) == 0:
         raise RuntimeError(f"cannot bind {address}")
     await server.start()
