@@ -1,31 +1,31 @@
-"""Trainer servicer: datasets in, jobs queued and watched, adapters registered and
-promoted. Training itself runs in worker processes started by ``JobRunner``."""
+"""Trainer servicer: protobuf ↔ domain, a few lines per RPC. Datasets go through
+``intake``, job rows and events through ``store``, hyperparameters through ``job_params``,
+adapters through ``registry``; training itself runs in worker processes started by
+``JobRunner``."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import json
-import os
 import sqlite3
-import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf import timestamp_pb2
 
 from llmesh.adapter_store import DEFAULT_ALIAS, folder
+from llmesh.config import MeshConfig
 from llmesh.pb.trainer.v1 import trainer_pb2 as pb
 from llmesh.pb.trainer.v1 import trainer_pb2_grpc as pb_grpc
-from llmesh.config import MeshConfig
-from llmesh.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from llmesh.runtime.errors import InvalidArgument, NotFound
 from llmesh.runtime.identity import InternalIdentity
-from llmesh.runtime.sqlite import Database, transaction
-from llmesh.services.trainer import datasets, registry
-from llmesh.services.trainer.store import TERMINAL, add_event, job_row
+from llmesh.runtime.sqlite import Database
+from llmesh.services.trainer import datasets, job_params, registry, store
+from llmesh.services.trainer.intake import DatasetIntake, DatasetSpec, UploadBuffer, read_import
 
 FORMATS = {
     pb.DATASET_FORMAT_ALPACA_JSON: "alpaca_json",
@@ -44,7 +44,7 @@ STATES = {
     "cancelled": pb.JOB_STATE_CANCELLED,
 }
 WATCH_POLL_S = 0.25
-DRAIN_FACTOR = 4
+MAX_PAGE = 500
 
 
 def ts(t: float | None) -> timestamp_pb2.Timestamp | None:
@@ -118,13 +118,21 @@ def dataset_pb(row: sqlite3.Row) -> pb.Dataset:
     )
 
 
-def resolve_job_params(req: pb.CreateJobRequest) -> dict:
-    """The hyperparameters a job runs with, defaults filled in and ranges checked."""
-    if req.qlora and not qlora_possible():
-        raise FailedPrecondition("QLoRA needs a CUDA GPU and bitsandbytes; neither is available on this trainer")
+def dataset_spec(header: pb.DatasetHeader) -> DatasetSpec:
+    return DatasetSpec(
+        name=header.name,
+        fmt=FORMATS.get(header.format),
+        sha256=header.sha256,
+        eval_fraction=header.eval_fraction,
+        seed=header.seed,
+    )
+
+
+def job_params_of(req: pb.CreateJobRequest) -> dict[str, Any]:
+    """The request's hyperparameters with the proto's documented defaults for unset (0) fields."""
     lora = req.lora
-    p = {
-        "adapter_name": registry.check_name(req.adapter_name),
+    return {
+        "adapter_name": req.adapter_name,
         "rank": lora.rank or 8,
         "alpha": lora.alpha or 2.0 * (lora.rank or 8),
         "dropout": lora.dropout,
@@ -139,34 +147,6 @@ def resolve_job_params(req: pb.CreateJobRequest) -> dict:
         "qlora": req.qlora,
         "min_improvement": req.min_improvement,
     }
-    checks = [
-        ("lora.rank", 1 <= p["rank"] <= 256),
-        ("lora.dropout", 0 <= p["dropout"] < 1),
-        ("epochs", 1 <= p["epochs"] <= 1000),
-        ("learning_rate", 0 < p["learning_rate"] <= 1),
-        ("batch_size", 1 <= p["batch_size"] <= 1024),
-        ("max_length", 16 <= p["max_length"] <= 32768),
-        ("lora.alpha", 0 < p["alpha"] <= 4096),
-        ("min_improvement", -1 <= p["min_improvement"] <= 1),
-    ]
-    for field, ok in checks:
-        if not ok:
-            raise InvalidArgument(field, "out of range")
-    return p
-
-
-@functools.cache
-def qlora_possible() -> bool:
-    """Asked only when a job wants QLoRA: importing torch costs the service seconds and
-    hundreds of MB it otherwise never needs (training happens in the worker)."""
-    try:
-        import importlib.util
-
-        import torch
-
-        return torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
-    except Exception:  # torch missing or broken: no GPU path either way
-        return False
 
 
 class TrainerServicer(pb_grpc.TrainerServicer):
@@ -175,136 +155,60 @@ class TrainerServicer(pb_grpc.TrainerServicer):
         self.db = db
         self.identity = identity
         self._wake = wake  # the job runner's
+        t = cfg.trainer
+        languages = datasets.Languages(t.translation_source_lang, t.translation_target_lang)
+        self.intake = DatasetIntake(db, cfg.trainer_dir / "datasets", languages)
 
     def _caller(self, context: grpc.aio.ServicerContext) -> str:
         p = self.identity.principal(context)
         return f"{p.tenant}/{p.subject}"
 
     # ---- datasets ---------------------------------------------------------------------
-    async def _store_dataset(self, header: pb.DatasetHeader, data: bytes, created_by: str) -> pb.Dataset:
-        if not header.name.strip():
-            raise InvalidArgument("header.name", "must not be empty")
-        if not data.strip():
-            raise InvalidArgument("data", "empty dataset: no content received")
-        digest = hashlib.sha256(data).hexdigest()
-        if header.sha256 and header.sha256.lower() != digest:
-            raise InvalidArgument("header.sha256", f"does not match the data received ({digest})")
-        fmt = FORMATS.get(header.format) or datasets.detect_format(header.name, data[:4096])
-        parsed = await asyncio.to_thread(datasets.parse, data, fmt)
-        datasets.validate(parsed)
-        fraction = header.eval_fraction or 0.1
-        train, evals = datasets.split(parsed.examples, fraction, header.seed)
-        dataset_id = datasets.content_hash(parsed.examples)[:24]
-        folder = self.cfg.trainer_dir / "datasets" / dataset_id
-        if not folder.is_dir():  # written completely, then renamed into place
-            tmp = folder.with_name(f".{dataset_id}.{uuid.uuid4().hex}")
-            tmp.mkdir(parents=True)
-            (tmp / "train.jsonl").write_bytes(datasets.to_jsonl(train))
-            (tmp / "eval.jsonl").write_bytes(datasets.to_jsonl(evals))
-            try:
-                os.rename(tmp, folder)
-            except OSError:  # the same content arrived concurrently
-                pass
-
-        def record(conn: sqlite3.Connection) -> sqlite3.Row:
-            with transaction(conn):
-                conn.execute(
-                    "INSERT OR IGNORE INTO datasets(dataset_id, name, format, train_examples, eval_examples, duplicates, "
-                    "sha256, created_by, created_at) VALUES (?,?,?,?,?,?,?,?,?)",
-                    (
-                        dataset_id,
-                        header.name,
-                        fmt,
-                        len(train),
-                        len(evals),
-                        parsed.duplicates,
-                        digest,
-                        created_by,
-                        time.time(),
-                    ),
-                )
-            return conn.execute("SELECT * FROM datasets WHERE dataset_id = ?", (dataset_id,)).fetchone()
-
-        return dataset_pb(await self.db.call(record))
-
     async def UploadDataset(
         self, request_iterator: AsyncIterator[pb.UploadDatasetRequest], context: grpc.aio.ServicerContext
     ) -> pb.Dataset:
         header: pb.DatasetHeader | None = None
-        chunks: list[bytes] = []
-        size, limit = 0, self.cfg.trainer.max_dataset_bytes
-        too_big = InvalidArgument("data", f"the dataset is larger than the limit of {limit} bytes")
+        upload = UploadBuffer(self.cfg.trainer.max_dataset_bytes)
         async for part in request_iterator:
             if part.HasField("header"):
-                if header is not None or chunks:
+                if header is not None or upload.started:
                     raise InvalidArgument("header", "must come once, before the data")
                 header = part.header
+            elif header is None:
+                raise InvalidArgument("header", "the first message must be the header")
             else:
-                if header is None:
-                    raise InvalidArgument("header", "the first message must be the header")
-                size += len(part.data)
-                if size > DRAIN_FACTOR * limit:
-                    raise too_big
-                if size <= limit:
-                    chunks.append(part.data)
-                # Over the limit: nothing more is kept, but the stream is read to its end
-                # (up to DRAIN_FACTOR x the limit) — gRPC clients that are still sending
-                # when the server answers report INTERNAL instead of this status.
+                upload.add(part.data)
         if header is None:
             raise InvalidArgument("header", "missing")
-        if size > limit:
-            raise too_big
-        return await self._store_dataset(header, b"".join(chunks), self._caller(context))
+        row = await self.intake.store(dataset_spec(header), upload.data(), self._caller(context))
+        return dataset_pb(row)
 
     async def ImportDataset(self, request: pb.ImportDatasetRequest, context: grpc.aio.ServicerContext) -> pb.Dataset:
-        if not request.path:
-            raise InvalidArgument("path", "must not be empty")
-        path = datasets.resolve_within(self.cfg.dataset_root, request.path)
-        if path.stat().st_size > self.cfg.trainer.max_dataset_bytes:
-            raise InvalidArgument(
-                "path", f"the file is larger than the limit of {self.cfg.trainer.max_dataset_bytes} bytes"
-            )
-        header = pb.DatasetHeader()
-        header.CopyFrom(request.header)
-        header.name = header.name or Path(request.path).name
-        data = await asyncio.to_thread(path.read_bytes)
-        return await self._store_dataset(header, data, self._caller(context))
+        limit = self.cfg.trainer.max_dataset_bytes
+        data = await asyncio.to_thread(read_import, self.cfg.dataset_root, request.path, limit)
+        spec = dataset_spec(request.header)
+        spec = DatasetSpec(spec.name or Path(request.path).name, spec.fmt, spec.sha256, spec.eval_fraction, spec.seed)
+        return dataset_pb(await self.intake.store(spec, data, self._caller(context)))
 
     async def GetDataset(self, request: pb.GetDatasetRequest, context: grpc.aio.ServicerContext) -> pb.Dataset:
-        row = await self.db.call(
-            lambda c: c.execute("SELECT * FROM datasets WHERE dataset_id = ?", (request.dataset_id,)).fetchone()
-        )
+        row = await self.db.call(lambda c: store.dataset_row(c, request.dataset_id))
         if row is None:
             raise NotFound("dataset", request.dataset_id)
         return dataset_pb(row)
 
     # ---- jobs -------------------------------------------------------------------------
     async def CreateJob(self, request: pb.CreateJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
-        params = resolve_job_params(request)
+        params = job_params.check(job_params_of(request))
         job_id = "job_" + uuid.uuid4().hex[:16]
         who = self._caller(context)
-
-        def create(conn: sqlite3.Connection) -> sqlite3.Row:
-            with transaction(conn):
-                if (
-                    conn.execute("SELECT 1 FROM datasets WHERE dataset_id = ?", (request.dataset_id,)).fetchone()
-                    is None
-                ):
-                    raise NotFound("dataset", request.dataset_id)
-                conn.execute(
-                    "INSERT INTO jobs(job_id, state, dataset_id, adapter_name, params, created_by, created_at) "
-                    "VALUES (?, 'queued', ?, ?, ?, ?, ?)",
-                    (job_id, request.dataset_id, params["adapter_name"], json.dumps(params), who, time.time()),
-                )
-                add_event(conn, job_id, "queued", "")
-            return job_row(conn, job_id)
-
-        row = await self.db.call(create)
+        row = await self.db.call(lambda c: store.create_job(c, job_id, request.dataset_id, params, who))
+        if row is None:
+            raise NotFound("dataset", request.dataset_id)
         self._wake.set()
         return job_pb(row)
 
     async def _job(self, job_id: str) -> sqlite3.Row:
-        row = await self.db.call(lambda c: job_row(c, job_id))
+        row = await self.db.call(lambda c: store.job_row(c, job_id))
         if row is None:
             raise NotFound("job", job_id)
         return row
@@ -313,29 +217,12 @@ class TrainerServicer(pb_grpc.TrainerServicer):
         return job_pb(await self._job(request.job_id))
 
     async def ListJobs(self, request: pb.ListJobsRequest, context: grpc.aio.ServicerContext) -> pb.ListJobsResponse:
-        size = min(request.page_size or 50, 500)
-        rows = await self.db.call(
-            lambda c: list(c.execute("SELECT * FROM jobs ORDER BY created_at DESC LIMIT ?", (size,)))
-        )
+        size = min(request.page_size or 50, MAX_PAGE)
+        rows = await self.db.call(lambda c: store.recent_jobs(c, size))
         return pb.ListJobsResponse(jobs=[job_pb(r) for r in rows])
 
     async def CancelJob(self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
-        def cancel(conn: sqlite3.Connection) -> sqlite3.Row | None:
-            with transaction(conn):
-                row = job_row(conn, request.job_id)
-                if row is None or row["state"] in TERMINAL:
-                    return row
-                if row["state"] == "queued":
-                    conn.execute(
-                        "UPDATE jobs SET state = 'cancelled', cancel_requested = 1, finished_at = ? WHERE job_id = ?",
-                        (time.time(), request.job_id),
-                    )
-                    add_event(conn, request.job_id, "cancelled", "cancelled before it started")
-                else:  # the worker stops at its next step
-                    conn.execute("UPDATE jobs SET cancel_requested = 1 WHERE job_id = ?", (request.job_id,))
-            return job_row(conn, request.job_id)
-
-        row = await self.db.call(cancel)
+        row = await self.db.call(lambda c: store.cancel_job(c, request.job_id))
         if row is None:
             raise NotFound("job", request.job_id)
         return job_pb(row)
@@ -347,20 +234,13 @@ class TrainerServicer(pb_grpc.TrainerServicer):
         yield pb.JobEvent(job=job_pb(row), kind="state", message=row["state"])
         last = 0
         while True:
-            events, row = await self.db.call(
-                lambda c: (
-                    list(
-                        c.execute(
-                            "SELECT * FROM events WHERE job_id = ? AND id > ? ORDER BY id", (request.job_id, last)
-                        )
-                    ),
-                    job_row(c, request.job_id),
-                )
-            )
+            poll = functools.partial(store.events_after, job_id=request.job_id, last_id=last)
+            events, now = await self.db.call(poll)
+            row = now if now is not None else row
             for e in events:
                 last = e["id"]
                 yield pb.JobEvent(job=job_pb(row), kind=e["kind"], message=e["message"])
-            if row["state"] in TERMINAL and not events:
+            if row["state"] in store.TERMINAL and not events:
                 return
             await asyncio.sleep(WATCH_POLL_S)
 

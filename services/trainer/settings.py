@@ -12,6 +12,11 @@ class TrainerSettings(Section):
     # ImportDataset reads files only inside this folder; empty: LLMESH_HOME/datasets.
     dataset_root: str = ""
     max_dataset_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
+    # The languages a tsv_translation dataset's pairs translate between, as words of the
+    # prompt (the inference 'translate' template's source_lang/target_lang): the upload
+    # request has no such fields, so this is the one place the default lives.
+    translation_source_lang: str = Field(default="中文", min_length=1)
+    translation_target_lang: str = Field(default="英文", min_length=1)
     # Jobs run one at a time in a worker process; one that dies is restarted from its
     # last checkpoint up to this many times in all.
     max_attempts: int = Field(default=3, ge=1)

@@ -112,3 +112,77 @@ def update_job(conn: sqlite3.Connection, job_id: str, event: tuple[str, str] | N
 
 def job_row(conn: sqlite3.Connection, job_id: str) -> sqlite3.Row | None:
     return conn.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+
+
+# ---- datasets ----------------------------------------------------------------------------
+def insert_dataset(
+    conn: sqlite3.Connection,
+    dataset_id: str,
+    *,
+    name: str,
+    fmt: str,
+    train_examples: int,
+    eval_examples: int,
+    duplicates: int,
+    sha256: str,
+    created_by: str,
+) -> sqlite3.Row:
+    """Record a dataset (the first record of the same content wins) and return its row."""
+    with transaction(conn):
+        conn.execute(
+            "INSERT OR IGNORE INTO datasets(dataset_id, name, format, train_examples, eval_examples, duplicates, "
+            "sha256, created_by, created_at) VALUES (?,?,?,?,?,?,?,?,?)",
+            (dataset_id, name, fmt, train_examples, eval_examples, duplicates, sha256, created_by, time.time()),
+        )
+    row: sqlite3.Row = conn.execute("SELECT * FROM datasets WHERE dataset_id = ?", (dataset_id,)).fetchone()
+    return row
+
+
+def dataset_row(conn: sqlite3.Connection, dataset_id: str) -> sqlite3.Row | None:
+    row: sqlite3.Row | None = conn.execute("SELECT * FROM datasets WHERE dataset_id = ?", (dataset_id,)).fetchone()
+    return row
+
+
+# ---- jobs --------------------------------------------------------------------------------
+def create_job(
+    conn: sqlite3.Connection, job_id: str, dataset_id: str, params: dict[str, Any], created_by: str
+) -> sqlite3.Row | None:
+    """Queue a job on an existing dataset; None (and nothing written) when the dataset is unknown."""
+    with transaction(conn):
+        if dataset_row(conn, dataset_id) is None:
+            return None
+        conn.execute(
+            "INSERT INTO jobs(job_id, state, dataset_id, adapter_name, params, created_by, created_at) "
+            "VALUES (?, 'queued', ?, ?, ?, ?, ?)",
+            (job_id, dataset_id, params["adapter_name"], json.dumps(params), created_by, time.time()),
+        )
+        add_event(conn, job_id, "queued", "")
+    return job_row(conn, job_id)
+
+
+def recent_jobs(conn: sqlite3.Connection, limit: int) -> list[sqlite3.Row]:
+    return list(conn.execute("SELECT * FROM jobs ORDER BY created_at DESC LIMIT ?", (limit,)))
+
+
+def cancel_job(conn: sqlite3.Connection, job_id: str) -> sqlite3.Row | None:
+    """A queued job is cancelled at once; a running one is flagged and its worker stops at
+    its next step; a finished one is left as it is. None when the job is unknown."""
+    with transaction(conn):
+        row = job_row(conn, job_id)
+        if row is None or row["state"] in TERMINAL:
+            return row
+        if row["state"] == "queued":
+            conn.execute(
+                "UPDATE jobs SET state = 'cancelled', cancel_requested = 1, finished_at = ? WHERE job_id = ?",
+                (time.time(), job_id),
+            )
+            add_event(conn, job_id, "cancelled", "cancelled before it started")
+        else:
+            conn.execute("UPDATE jobs SET cancel_requested = 1 WHERE job_id = ?", (job_id,))
+    return job_row(conn, job_id)
+
+
+def events_after(conn: sqlite3.Connection, job_id: str, last_id: int) -> tuple[list[sqlite3.Row], sqlite3.Row | None]:
+    """The job's events newer than ``last_id`` and the job as it is now, read together."""
+    events = list(conn.execute("SELECT * FROM events WHERE job_id = ? AND id > ? ORDER BY id", (job_id, last_id)))
+    return events, job_row(conn, job_id)

@@ -1,18 +1,21 @@
-"""The trainer's dataset layer: formats, row errors, dedup, split, hash, client paths."""
+"""The trainer's dataset layer: formats, row errors, dedup, split, hash (client paths:
+tests/unit/test_paths.py)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from importlib import resources
-from pathlib import Path
 
 import pytest
 
-from llmesh.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from llmesh.runtime.errors import FailedPrecondition, InvalidArgument
 from llmesh.services.trainer import datasets as ds
 from llmesh.services.trainer.datasets import Example, Message, ParsedDataset, RowError
+from llmesh.services.trainer.settings import TrainerSettings
+
+# What the server parses translation pairs with when the request names no languages.
+SERVER_LANGUAGES = ds.Languages(TrainerSettings().translation_source_lang, TrainerSettings().translation_target_lang)
 
 
 def ex(*turns: tuple[str, str]) -> Example:
@@ -194,7 +197,7 @@ POSITIVE = [
 
 @pytest.mark.parametrize(("fmt", "data", "expected"), POSITIVE)
 def test_parses(fmt: str, data: bytes, expected: list[Example]) -> None:
-    parsed = ds.parse(data, fmt)
+    parsed = ds.parse(data, fmt, languages=SERVER_LANGUAGES)
     assert parsed.errors == []
     assert parsed.examples == expected
     assert parsed.format == ds.normalize_format(fmt)
@@ -202,8 +205,10 @@ def test_parses(fmt: str, data: bytes, expected: list[Example]) -> None:
 
 
 def test_translation_languages_are_parameters() -> None:
-    parsed = ds.parse(b"Good morning\tBonjour\n", "tsv_translation", source_lang="英文", target_lang="法文")
+    parsed = ds.parse(b"Good morning\tBonjour\n", "tsv_translation", languages=ds.Languages("英文", "法文"))
     assert parsed.examples == [qa("将以下英文文本翻译成法文：\nGood morning", "Bonjour")]
+    with pytest.raises(ValueError, match="needs the source and target languages"):
+        ds.parse(b"Good morning\tBonjour\n", "tsv_translation")  # no silent default in the parser
 
 
 def test_bundled_faq_parses_to_20_examples() -> None:
@@ -355,9 +360,9 @@ NEGATIVE = [
 
 @pytest.mark.parametrize(("fmt", "data", "expected"), NEGATIVE)
 def test_row_errors(fmt: str, data: bytes, expected: list[tuple[int, str]]) -> None:
-    parsed = ds.parse(data, fmt)
+    parsed = ds.parse(data, fmt, languages=SERVER_LANGUAGES)
     assert [e.row for e in parsed.errors] == [row for row, _ in expected], parsed.errors
-    for err, (_, fragment) in zip(parsed.errors, expected):
+    for err, (_, fragment) in zip(parsed.errors, expected, strict=True):
         assert fragment in err.reason, err
     with pytest.raises(InvalidArgument) as info:
         ds.validate(parsed)
@@ -590,110 +595,3 @@ def test_example_enforces_turn_order() -> None:
     with pytest.raises(ValueError):
         Message("tool", "x")
     assert qa("q", "a", system="s").target == "a"
-
-
-# --------------------------------------------------------------------------- resolve_within
-
-
-@pytest.fixture
-def tree(tmp_path: Path) -> tuple[Path, Path]:
-    root = tmp_path / "datasets"
-    (root / "team").mkdir(parents=True)
-    (root / "team" / "faq.json").write_text("[]")
-    (root / "top.csv").write_text("q,a\n")
-    outside = tmp_path / "secret"
-    outside.mkdir()
-    (outside / "passwd.txt").write_text("nope")
-    return root, outside
-
-
-@pytest.mark.parametrize("user_path", ["team/faq.json", "./team/faq.json", "top.csv", "team//faq.json"])
-def test_resolve_allowed_relative(tree: tuple[Path, Path], user_path: str) -> None:
-    root, _ = tree
-    assert ds.resolve_within(root, user_path) == (root / user_path).resolve()
-
-
-def test_resolve_allowed_absolute_inside(tree: tuple[Path, Path]) -> None:
-    root, _ = tree
-    assert ds.resolve_within(root, str(root / "top.csv")) == (root / "top.csv").resolve()
-
-
-def test_resolve_symlink_inside_root_is_allowed(tree: tuple[Path, Path]) -> None:
-    root, _ = tree
-    os.symlink(root / "team" / "faq.json", root / "alias.json")
-    assert ds.resolve_within(root, "alias.json") == (root / "team" / "faq.json").resolve()
-
-
-def test_resolve_root_given_through_a_symlink(tree: tuple[Path, Path], tmp_path: Path) -> None:
-    root, _ = tree
-    os.symlink(root, tmp_path / "link-to-root")
-    assert ds.resolve_within(tmp_path / "link-to-root", "top.csv") == (root / "top.csv").resolve()
-
-
-@pytest.mark.parametrize("user_path", ["../secret/passwd.txt", "team/../../secret/passwd.txt", "..", "team/../top.csv"])
-def test_resolve_refuses_dotdot(tree: tuple[Path, Path], user_path: str) -> None:
-    root, _ = tree
-    with pytest.raises(PermissionDenied) as info:
-        ds.resolve_within(root, user_path)
-    assert "'..'" in info.value.message and str(root) not in info.value.message
-
-
-def test_resolve_refuses_absolute_outside(tree: tuple[Path, Path]) -> None:
-    root, outside = tree
-    with pytest.raises(PermissionDenied, match="outside the allowed dataset root"):
-        ds.resolve_within(root, str(outside / "passwd.txt"))
-    with pytest.raises(PermissionDenied):
-        ds.resolve_within(root, "/etc/passwd")
-
-
-def test_resolve_refuses_missing_file_outside_as_denied_not_missing(tree: tuple[Path, Path]) -> None:
-    # no existence oracle for paths outside the root
-    root, outside = tree
-    with pytest.raises(PermissionDenied):
-        ds.resolve_within(root, str(outside / "does-not-exist"))
-
-
-def test_resolve_refuses_file_symlink_pointing_outside(tree: tuple[Path, Path]) -> None:
-    root, outside = tree
-    os.symlink(outside / "passwd.txt", root / "team" / "innocent.json")
-    with pytest.raises(PermissionDenied) as info:
-        ds.resolve_within(root, "team/innocent.json")
-    msg = info.value.message
-    assert "team/innocent.json" in msg and str(outside) not in msg and str(root) not in msg
-
-
-def test_resolve_refuses_symlinked_directory_pointing_outside(tree: tuple[Path, Path]) -> None:
-    root, outside = tree
-    os.symlink(outside, root / "shared")
-    with pytest.raises(PermissionDenied):
-        ds.resolve_within(root, "shared/passwd.txt")
-    with pytest.raises(PermissionDenied):
-        ds.resolve_within(root, str(root / "shared" / "passwd.txt"))
-
-
-def test_resolve_refuses_symlink_loop(tree: tuple[Path, Path]) -> None:
-    root, _ = tree
-    os.symlink(root / "b", root / "a")
-    os.symlink(root / "a", root / "b")
-    with pytest.raises((PermissionDenied, NotFound)):
-        ds.resolve_within(root, "a")
-
-
-def test_resolve_missing_file_is_not_found(tree: tuple[Path, Path]) -> None:
-    root, _ = tree
-    with pytest.raises(NotFound) as info:
-        ds.resolve_within(root, "team/nope.json")
-    assert info.value.kind == "dataset file" and info.value.name == "team/nope.json"
-
-
-@pytest.mark.parametrize("user_path", ["", "team", ".", "a\x00b"])
-def test_resolve_refuses_empty_directory_and_nul(tree: tuple[Path, Path], user_path: str) -> None:
-    root, _ = tree
-    with pytest.raises(InvalidArgument):
-        ds.resolve_within(root, user_path)
-
-
-def test_resolve_missing_root_is_failed_precondition(tmp_path: Path) -> None:
-    with pytest.raises(FailedPrecondition) as info:
-        ds.resolve_within(tmp_path / "absent", "x.json")
-    assert str(tmp_path) not in info.value.message
