@@ -1,4 +1,4 @@
-"""JWT verification for the gateway (scope/role rules: ``llmesh.auth.policy``).
+"""JWT verification for the gateway (scope/role rules: ``llmesh.runtime.policy``).
 
 ``JwtVerifier.verify(token)`` returns a ``Principal`` or raises ``Unauthenticated`` with
 a short reason (never the token). Rules:

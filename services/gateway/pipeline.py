@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from llmesh.auth.policy import authorize
 from llmesh.auth.signature import key_id_of, nonce_key, nonce_ttl, verify
 from llmesh.pb.common.v1 import types_pb2
 from llmesh.pb.security.v1 import security_pb2, security_pb2_grpc
@@ -22,6 +21,7 @@ from llmesh.runtime.errors import LlmeshError, Unauthenticated
 from llmesh.runtime.identity import IDENTITY_KEY, InternalIdentity
 from llmesh.runtime.identity import Principal as InternalPrincipal
 from llmesh.runtime.interceptors import REQUEST_ID_KEY, request_id_var
+from llmesh.runtime.policy import authorize
 from llmesh.services.gateway.audit import GATEWAY, AuditSink
 from llmesh.services.gateway.authn import JwtVerifier, Principal
 from llmesh.services.gateway.fields import StreamRestorer, has_pii, mask_message, message_class, restore_message

@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from llmesh.auth.policy import authorize, has_scope
 from llmesh.runtime.errors import PermissionDenied, Unauthenticated, Unavailable
+from llmesh.runtime.policy import authorize, has_scope
 from llmesh.services.gateway.authn import JwtVerifier, Principal
 
 ISS = "https://id.llmesh.test"

@@ -74,7 +74,7 @@ async def test_services_refuse_calls_without_identity(tmp_path: Path) -> None:
 
 
 def test_policy_comes_from_the_proto_options() -> None:
-    from llmesh.auth.policy import policy_for
+    from llmesh.runtime.policy import policy_for
 
     p = policy_for("/llmesh.inference.v1.Inference/Generate")
     assert p is not None and p.scope == "inference:generate" and not p.anonymous

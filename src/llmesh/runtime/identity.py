@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 import jwt
 
-from llmesh.auth import policy
+from llmesh.runtime import policy
 from llmesh.runtime.errors import PermissionDenied, Unauthenticated
 from llmesh.runtime.files import load_or_create_secret
 
