@@ -6,10 +6,13 @@ bound, refresh the TTL) before the reply is acknowledged to the client.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import uuid
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
 from urllib.parse import quote
 
 import redis.asyncio as aioredis
@@ -20,6 +23,8 @@ from llmesh.runtime.errors import InvalidArgument, Unavailable
 
 CONVERSATION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 PREFIX = "llmesh:chat:"
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -53,8 +58,11 @@ def check_conversation_id(cid: str, field: str = "conversation_id") -> str:
     return cid
 
 
-def _redis_errors(fn):  # type: ignore[no-untyped-def]
-    async def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+def _redis_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Redis down or slow is UNAVAILABLE (retry later), never INTERNAL."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return await fn(*args, **kwargs)
         except (RedisConnectionError, RedisTimeoutError, OSError) as e:

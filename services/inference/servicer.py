@@ -13,12 +13,13 @@ from llmesh.pb.common.v1 import types_pb2
 from llmesh.pb.inference.v1 import inference_pb2 as pb
 from llmesh.pb.inference.v1 import inference_pb2_grpc as pb_grpc
 from llmesh.runtime.channels import remaining_timeout
-from llmesh.services.inference.settings import InferenceSettings
 from llmesh.runtime.errors import InvalidArgument, NotFound
 from llmesh.runtime.identity import InternalIdentity
+from llmesh.services.inference.chat_history import ChatTurns
 from llmesh.services.inference.llm_backend import Chunk, GenerationInput, LlmBackend
 from llmesh.services.inference.memory import ChatMemory, Message, check_conversation_id, new_conversation_id
 from llmesh.services.inference.sampling import Sampling
+from llmesh.services.inference.settings import InferenceSettings
 from llmesh.services.inference.templates import TemplateLibrary
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(@[A-Za-z0-9._-]{1,64})?$")
@@ -54,6 +55,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.templates = templates
         self.identity = identity
         self.adapters = adapters
+        self.chat = ChatTurns(llm, memory, cfg.max_prompt_chars)
 
     def _tenant(self, context: grpc.aio.ServicerContext) -> str:
         """The caller's tenant, from the internal identity (verified, and cached, by the interceptor)."""
@@ -134,32 +136,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def _chat_turn(
         self, req: pb.ChatRequest, context: grpc.aio.ServicerContext, cid: str
     ) -> AsyncIterator[tuple[Chunk, int]]:
-        """Streams one turn; the turn is stored before the final chunk is yielded."""
         message = self._text(req.message, "message")
         sampling = self._sampling(req.sampling)
         adapter = self._adapter(req.adapter, context)
-        tenant = self._tenant(context)
-        history = await self.memory.load(tenant, cid)
-        system = req.system_prompt or (history.system if history else "")
-        past = list(history.messages) if history else []
-        # Keep the newest turns that fit the prompt budget.
-        budget = self.cfg.max_prompt_chars - len(message) - len(system)
-        while past and sum(len(m.content) for m in past) > budget:
-            past = past[2:]
-        messages = (
-            ([{"role": "system", "content": system}] if system else [])
-            + [{"role": m.role, "content": m.content} for m in past]
-            + [{"role": "user", "content": message}]
+        turn = self.chat.stream(
+            self._tenant(context), cid, message, req.system_prompt, sampling, adapter, self._timeout(context)
         )
-        inp = GenerationInput(sampling, messages=messages, adapter=adapter)
-        text: list[str] = []
-        async for c in self.llm.stream(inp, timeout=self._timeout(context)):
-            text.append(c.text)
-            if c.finish_reason:
-                kept = await self.memory.append_turn(tenant, cid, message, "".join(text), req.system_prompt or None)
-                yield c, kept
-            else:
-                yield c, 0
+        async for item in turn:
+            yield item
 
     def _conversation_id(self, req: pb.ChatRequest) -> str:
         return check_conversation_id(req.conversation_id) if req.conversation_id else new_conversation_id()
