@@ -1,7 +1,12 @@
 """A schema-aware gRPC proxy: one generic handler forwards every routed RPC, in all
 four shapes, as raw bytes. Deadlines, cancellation and metadata pass through; the
 upstream's status (with its rich details) comes back unchanged. Policy hooks see the
-route and may decode only what they need."""
+route and may decode only what they need.
+
+Every request message is parsed against the method's input type before it is
+forwarded (the original bytes go on: they are what the caller signed): one that does
+not parse ends the call with INVALID_ARGUMENT, audited, and cancels the upstream call
+of a stream that had already started."""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import grpc
 from opentelemetry.propagate import inject
 
 from llmesh.runtime.channels import peer_channel
+from llmesh.runtime.decoding import MalformedRequest, parse
 from llmesh.services.gateway.routes import Route
 
 # Metadata that belongs to this hop only (HTTP/2 and gRPC transport headers).
@@ -122,6 +128,7 @@ class ProxyHandler(grpc.GenericRpcHandler):
 
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes | None:
             fwd = await self.admit(route, context, request)
+            await _validated(route, fwd, request)
             call = rpc(fwd.request(request), timeout=self._timeout(context), metadata=_traced(fwd.metadata))
             await _pass(fwd, call)
             return await _answer(call, fwd, context)
@@ -133,6 +140,7 @@ class ProxyHandler(grpc.GenericRpcHandler):
 
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
             fwd = await self.admit(route, context, request)
+            await _validated(route, fwd, request)
             call = rpc(fwd.request(request), timeout=self._timeout(context), metadata=_traced(fwd.metadata))
             await _pass(fwd, call)
             async for msg in self._relay(call, fwd, context):
@@ -146,10 +154,11 @@ class ProxyHandler(grpc.GenericRpcHandler):
         async def handle(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes | None:
             first, rest = await _peek(requests)
             fwd = await self.admit(route, context, first)
+            await _validated(route, fwd, first)
             call = rpc(timeout=self._timeout(context), metadata=_traced(fwd.metadata))
-            async with _pumping(call, first, rest, fwd.request):
+            async with _pumping(call, route, first, rest, fwd.request) as copy:
                 await _pass(fwd, call)
-                return await _answer(call, fwd, context)
+                return await _answer(call, fwd, context, copy)
 
         return handle
 
@@ -159,15 +168,18 @@ class ProxyHandler(grpc.GenericRpcHandler):
         async def handle(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
             first, rest = await _peek(requests)
             fwd = await self.admit(route, context, first)
+            await _validated(route, fwd, first)
             call = rpc(timeout=self._timeout(context), metadata=_traced(fwd.metadata))
-            async with _pumping(call, first, rest, fwd.request):
+            async with _pumping(call, route, first, rest, fwd.request) as copy:
                 await _pass(fwd, call)
-                async for msg in self._relay(call, fwd, context):
+                async for msg in self._relay(call, fwd, context, copy):
                     yield msg
 
         return handle
 
-    async def _relay(self, call, fwd: Forward, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:  # type: ignore[no-untyped-def]
+    async def _relay(  # type: ignore[no-untyped-def]
+        self, call, fwd: Forward, context: grpc.aio.ServicerContext, copy: _Copy | None = None
+    ) -> AsyncIterator[bytes]:
         last, code = None, grpc.StatusCode.CANCELLED
         try:
             async for msg in call:
@@ -180,6 +192,12 @@ class ProxyHandler(grpc.GenericRpcHandler):
         except grpc.aio.AioRpcError as err:
             code = err.code()
             await _relay_error(context, err)
+        except asyncio.CancelledError:
+            failure = _copy_failure(copy)
+            if failure is None:
+                raise
+            code = _failure_code(failure)
+            raise failure from None
         finally:
             call.cancel()  # the client went away (or we are done): stop the upstream too
             await fwd.done(code, last)
@@ -202,7 +220,24 @@ async def _pass(fwd: Forward, call) -> None:  # type: ignore[no-untyped-def]
         raise
 
 
-async def _answer(call, fwd: Forward, context: grpc.aio.ServicerContext) -> bytes | None:  # type: ignore[no-untyped-def]
+async def _validated(route: Route, fwd: Forward, raw: bytes | None) -> None:
+    """Refuses (INVALID_ARGUMENT, audited) a request message that is not a valid
+    ``route.request``, before it is forwarded; a check still pending on the call (the
+    read-class rate limit) answers first if it fails."""
+    if raw is None:
+        return
+    try:
+        parse(route.request, raw)
+    except MalformedRequest:
+        if fwd.gate is not None:
+            await fwd.gate
+        await fwd.done(grpc.StatusCode.INVALID_ARGUMENT, None)
+        raise
+
+
+async def _answer(  # type: ignore[no-untyped-def]
+    call, fwd: Forward, context: grpc.aio.ServicerContext, copy: _Copy | None = None
+) -> bytes | None:
     """The single response of a unary-response call, or the upstream's status."""
     try:
         response = await call
@@ -210,6 +245,12 @@ async def _answer(call, fwd: Forward, context: grpc.aio.ServicerContext) -> byte
         await fwd.done(err.code(), None)
         await _relay_error(context, err)
         return None
+    except asyncio.CancelledError:
+        failure = _copy_failure(copy)
+        if failure is None:
+            raise
+        await fwd.done(_failure_code(failure), None)
+        raise failure from None
     await fwd.done(grpc.StatusCode.OK, response)
     context.set_trailing_metadata(tuple(forwardable(await call.trailing_metadata())))
     return fwd.response(response)
@@ -224,26 +265,55 @@ async def _peek(requests: AsyncIterator[bytes]) -> tuple[bytes | None, AsyncIter
         return None, it
 
 
+@dataclass
+class _Copy:
+    """The copy of a client stream: why it stopped the call, if it did."""
+
+    failure: BaseException | None = None
+
+
+def _copy_failure(copy: _Copy | None) -> BaseException | None:
+    """What ended a call the copy cancelled; None when the cancellation is the
+    handler's own (the client went away)."""
+    task = asyncio.current_task()
+    if copy is None or copy.failure is None or (task is not None and task.cancelling()):
+        return None
+    return copy.failure
+
+
+def _failure_code(failure: BaseException) -> grpc.StatusCode:
+    return grpc.StatusCode.INVALID_ARGUMENT if isinstance(failure, MalformedRequest) else grpc.StatusCode.INTERNAL
+
+
 @contextlib.asynccontextmanager
-async def _pumping(call, first: bytes | None, rest: AsyncIterator[bytes], fn: Transform) -> AsyncIterator[None]:  # type: ignore[no-untyped-def]
+async def _pumping(  # type: ignore[no-untyped-def]
+    call, route: Route, first: bytes | None, rest: AsyncIterator[bytes], fn: Transform
+) -> AsyncIterator[_Copy]:
     """Copies the client's stream to the upstream call (``fn`` applied) while the body
     runs. An upstream that ends the call early (e.g. an upload over its size limit)
     stops the copy; the call's own status is what the client gets, and no read of the
-    client's stream outlives the call."""
+    client's stream outlives the call. A message that is not a valid request (or any
+    failure of the copy) cancels the upstream call and is recorded in the yielded
+    ``_Copy``: the body's wait on the call then raises it instead of hanging."""
+    copy = _Copy()
 
     async def pump() -> None:
         try:
             if first is not None:
                 await call.write(fn(first))
                 async for msg in rest:
+                    parse(route.request, msg)
                     await call.write(fn(msg))
             await call.done_writing()
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
             pass  # the upstream finished first: its status is the answer
+        except Exception as exc:  # reported through ``copy``, never lost in this task
+            copy.failure = exc
+            call.cancel()
 
     task = asyncio.create_task(pump())
     try:
-        yield
+        yield copy
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):

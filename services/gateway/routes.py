@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from google.protobuf.message import Message
+from google.protobuf.message_factory import GetMessageClass
 
 from llmesh.pb.common.v1 import options_pb2
 
@@ -30,6 +32,7 @@ class Route:
     method: MethodDescriptor
     upstream: str  # host:port
     policy: options_pb2.MethodPolicy
+    request: type[Message]  # what every request message must parse as
 
     @property
     def client_streaming(self) -> bool:
@@ -53,5 +56,6 @@ def build_routes(upstreams: Mapping[str, str]) -> dict[str, Route]:
             raise ValueError(f"gateway.upstreams: unknown service '{name}' (known: {', '.join(PUBLIC_SERVICES)})")
         for m in service_descriptor(name).methods:
             path = f"/{name}/{m.name}"
-            routes[path] = Route(path, name, m, address, m.GetOptions().Extensions[options_pb2.method_policy])
+            policy = m.GetOptions().Extensions[options_pb2.method_policy]
+            routes[path] = Route(path, name, m, address, policy, GetMessageClass(m.input_type))
     return routes

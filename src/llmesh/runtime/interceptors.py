@@ -2,13 +2,18 @@
 
 Tracing comes first (OpenTelemetry's own aio interceptor, added in ``server.py``)
 so that logs carry the trace id. Servicers never call ``context.abort``; they raise
-:mod:`llmesh.runtime.errors` and this module maps them once.
+:mod:`llmesh.runtime.errors` and this module maps them once. Request bytes that do not
+parse never reach a servicer: every handler's deserializer is made tolerant
+(:mod:`llmesh.runtime.decoding`) and a malformed message, the first of a stream or a
+later one, ends the call at once with INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
+import inspect
 import logging
 import time
 import uuid
@@ -21,6 +26,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from prometheus_client import Counter, Histogram
 
 from llmesh.runtime import errors
+from llmesh.runtime.decoding import Malformed, tolerant
 from llmesh.runtime.logs import request_id_var
 
 log = logging.getLogger("llmesh.rpc")
@@ -76,8 +82,14 @@ class _Call:
         self.request_id = str(md.get(REQUEST_ID_KEY) or uuid.uuid4().hex)
         self.token = request_id_var.set(self.request_id)
         self.start = time.perf_counter()
+        self.finished = False
+        # The abort that ended the call; raised again by whatever tries to end it later
+        # (grpc requires that very exception to reach it).
+        self.aborted: grpc.aio.AbortError | None = None
 
     async def fail(self, exc: BaseException) -> None:
+        if self.aborted is not None:
+            raise self.aborted
         code, message, trailers = status_for(exc, self.request_id)
         level = logging.ERROR if code == grpc.StatusCode.INTERNAL else logging.INFO
         log.log(
@@ -87,7 +99,11 @@ class _Call:
             extra={"fields": {"method": self.method, "code": code.name, "error": message}},
         )
         self._done(code.name)
-        await self.context.abort(code, message, trailing_metadata=trailers)
+        try:
+            await self.context.abort(code, message, trailing_metadata=trailers)
+        except grpc.aio.AbortError as abort:
+            self.aborted = abort
+            raise
 
     def ok(self) -> None:
         self._done("OK")
@@ -96,12 +112,17 @@ class _Call:
         self._done("CANCELLED")
 
     def _done(self, code: str) -> None:
+        if self.finished:
+            return
+        self.finished = True
         elapsed = time.perf_counter() - self.start
         HANDLED.labels(self.method, code).inc()
         LATENCY.labels(self.method).observe(elapsed)
         if code == "OK":
             log.info("rpc ok", extra={"fields": {"method": self.method, "code": code, "ms": round(elapsed * 1000, 2)}})
-        request_id_var.reset(self.token)
+        # A stream message may be refused in a task of the servicer's (another context).
+        with contextlib.suppress(ValueError):
+            request_id_var.reset(self.token)
 
 
 def _is_abort(exc: BaseException) -> bool:
@@ -109,17 +130,42 @@ def _is_abort(exc: BaseException) -> bool:
     return isinstance(exc, (asyncio.CancelledError, grpc.aio.AbortError))
 
 
+# Ends the call with the status for an exception (raises grpc's AbortError).
+Fail = Callable[[BaseException], Awaitable[None]]
+
+
+async def _checked(requests: AsyncIterator[Any], fail: Fail) -> AsyncIterator[Any]:
+    """A client stream whose malformed message ends the call there and then, whatever
+    the servicer does with the exception it gets from its ``async for``."""
+    async for request in requests:
+        if isinstance(request, Malformed):
+            await fail(request.error())
+        yield request
+
+
+async def _admitted(request_or_iterator: Any, fail: Fail) -> Any:
+    """The request for the servicer: a client stream checked message by message; a
+    single malformed request refused before the servicer runs."""
+    if isinstance(request_or_iterator, Malformed):
+        await fail(request_or_iterator.error())
+    if hasattr(request_or_iterator, "__aiter__"):
+        return _checked(request_or_iterator, fail)
+    return request_or_iterator
+
+
 def _wrap_unary(method: str, fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     async def handler(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
         call = _Call(method, context)
         try:
-            response = await fn(request_or_iterator, context)
+            response = await fn(await _admitted(request_or_iterator, call.fail), context)
         except BaseException as exc:
             if _is_abort(exc):
                 call.cancelled()
                 raise
             await call.fail(exc)
             return None
+        if call.aborted is not None:  # the servicer swallowed a refused stream message
+            raise call.aborted
         # A unary response carries the request id in its trailers: sending initial
         # metadata early would cost a separate write per call.
         trailers = tuple(context.trailing_metadata() or ())
@@ -136,7 +182,9 @@ def _wrap_stream(method: str, fn: Callable[..., AsyncIterator[Any]]) -> Callable
         call = _Call(method, context)
         await context.send_initial_metadata(((REQUEST_ID_KEY, call.request_id),))
         try:
-            async for item in fn(request_or_iterator, context):
+            async for item in fn(await _admitted(request_or_iterator, call.fail), context):
+                if call.aborted is not None:  # the servicer swallowed a refused stream message
+                    raise call.aborted
                 yield item
         except BaseException as exc:
             if _is_abort(exc) or isinstance(exc, GeneratorExit):
@@ -144,9 +192,51 @@ def _wrap_stream(method: str, fn: Callable[..., AsyncIterator[Any]]) -> Callable
                 raise
             await call.fail(exc)
             return
+        if call.aborted is not None:
+            raise call.aborted
         call.ok()
 
     return handler
+
+
+def _guard_only(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """Health and reflection keep their own status handling (health's Watch writes
+    with ``context.write``); they only get the malformed-request refusal."""
+    fn = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+
+    async def refuse_or_pass(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def fail(exc: BaseException) -> None:
+            await _Call(method, context).fail(exc)  # request id, log and metrics for a refusal only
+
+        return await _admitted(request_or_iterator, fail)
+
+    if inspect.isasyncgenfunction(fn):
+
+        async def streaming(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async for item in fn(await refuse_or_pass(request_or_iterator, context), context):
+                yield item
+
+        behaviour: Callable[..., Any] = streaming
+    else:
+
+        async def single(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+            return await fn(await refuse_or_pass(request_or_iterator, context), context)
+
+        behaviour = single
+    return _rebuild(handler, behaviour, tolerant(handler.request_deserializer))
+
+
+def _rebuild(
+    handler: grpc.RpcMethodHandler, behaviour: Callable[..., Any], deserializer: Callable[[bytes], Any] | None
+) -> grpc.RpcMethodHandler:
+    kw = {"request_deserializer": deserializer, "response_serializer": handler.response_serializer}
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(behaviour, **kw)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(behaviour, **kw)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(behaviour, **kw)
+    return grpc.stream_stream_rpc_method_handler(behaviour, **kw)
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
@@ -162,12 +252,8 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             return handler
         method = handler_call_details.method
         if method.startswith(("/grpc.health.", "/grpc.reflection.")):
-            return handler
-        kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(_wrap_unary(method, handler.unary_unary), **kw)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(_wrap_unary(method, handler.stream_unary), **kw)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(_wrap_stream(method, handler.unary_stream), **kw)
-        return grpc.stream_stream_rpc_method_handler(_wrap_stream(method, handler.stream_stream), **kw)
+            return _guard_only(method, handler)
+        deserializer = tolerant(handler.request_deserializer)
+        if handler.unary_unary or handler.stream_unary:
+            return _rebuild(handler, _wrap_unary(method, handler.unary_unary or handler.stream_unary), deserializer)
+        return _rebuild(handler, _wrap_stream(method, handler.unary_stream or handler.stream_stream), deserializer)
