@@ -37,7 +37,7 @@ def test_audit_chain_is_verified_live(mesh: Mesh) -> None:
     sec = f"127.0.0.1:{mesh.cfg.security.server.port}"
     assert after.evidence[0].startswith(f"VerifyAuditChain at {sec}: ok, hash chain intact over ")
     assert int(after.evidence[0].rsplit(" over ", 1)[1].split()[0]) >= n + 1  # the record just appended counted
-    assert after.evidence[1].startswith("no audit batches waiting in the gateway spool")
+    assert after.evidence[1].startswith("no audit records waiting in the gateway spool")
 
 
 def test_direct_and_anonymous_calls_are_unauthenticated(mesh: Mesh) -> None:

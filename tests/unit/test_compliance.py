@@ -16,26 +16,20 @@ from typer.testing import CliRunner
 
 from llmesh import compliance
 from llmesh.cli import app
-from llmesh.compliance import (
-    INFERENCE,
-    SECURITY,
-    audit_spool_finding,
-    count_policies,
-    display_url,
-    encryption_in_transit,
-    host_of,
-    is_loopback,
-    make_check,
-    retention,
-    security_store_findings,
-    sensitive_fields,
-    token_signing_findings,
-    transit_config_findings,
-)
+from llmesh.compliance.access_control import token_signing_findings
+from llmesh.compliance.addresses import display_url, host_of, is_loopback
+from llmesh.compliance.at_rest import security_store_findings
+from llmesh.compliance.audit_log import audit_spool_finding
+from llmesh.compliance.contracts import INFERENCE, SECURITY, count_policies, sensitive_fields
+from llmesh.compliance.findings import make_check
+from llmesh.compliance.in_transit import encryption_in_transit, transit_config_findings
+from llmesh.compliance.retention import retention
 from llmesh.config import MeshConfig, load_config
-from tests.support.sandbox import write_config
+from llmesh.pb.security.v1 import security_pb2 as spb
+from llmesh.services.gateway.audit import Spool
 from llmesh.services.gateway.routes import service_descriptor
 from llmesh.services.security.servicer import SecurityServicer
+from tests.support.sandbox import write_config
 
 
 def config(home: Path, overrides: dict[str, dict[str, Any]] | None = None) -> MeshConfig:
@@ -134,14 +128,20 @@ def test_hs256_development_mode_is_reported(tmp_path: Path) -> None:
     assert (warn, missing) == ("warn", "fail") and "HS256 development mode" in text
 
 
-def test_spooled_audit_batches_are_reported(tmp_path: Path) -> None:
+def test_spooled_audit_records_are_reported(tmp_path: Path) -> None:
     cfg = config(tmp_path)
     assert audit_spool_finding(cfg)[0] == "pass"
-    spool = cfg.home / "gateway" / "audit-spool"
-    spool.mkdir(parents=True)
-    (spool / "1-2.pb").write_bytes(b"")
+    spool_dir = cfg.home / "gateway" / "audit-spool"
+
+    async def spool_one() -> None:  # a gateway that spooled a record and never delivered it
+        spool = Spool(spool_dir, fsync=False)
+        spool.claim()
+        await spool.append(spb.AppendAuditBatchRequest(records=[spb.AppendAuditRequest(actor="a")]).SerializeToString())
+        await spool.close()
+
+    asyncio.run(spool_one())
     status, text = audit_spool_finding(cfg)
-    assert status == "warn" and text.startswith(f"1 audit batch file(s) in {spool} are not yet in the hash chain")
+    assert status == "warn" and text.startswith(f"1 audit record(s) in {spool_dir} are not yet in the hash chain")
 
 
 def test_retention_warns_about_the_audit_log_and_reads_the_chat_ttl(tmp_path: Path) -> None:
