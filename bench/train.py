@@ -100,8 +100,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--rank", type=int, default=16)
     args = ap.parse_args()
-    from llmesh.cli_trainer import upload
     from llmesh.client import local_channel
+    from llmesh.client.trainer import upload
     from llmesh.demo.models import faq_pairs
     from llmesh.pb.trainer.v1 import trainer_pb2_grpc
     from tests.support.sandbox import ephemeral_mesh

@@ -12,8 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from llmesh.auth.signature import sign
-from llmesh.auth_client import ApiKey, SigningInterceptor, TokenSource, gateway_channel
-from llmesh.client import local_channel, sampling
+from llmesh.client import ApiKey, SigningInterceptor, TokenSource, gateway_channel, local_channel, sampling
 from llmesh.pb.inference.v1 import inference_pb2 as pb
 from llmesh.pb.inference.v1 import inference_pb2_grpc as pb_grpc
 from llmesh.pb.security.v1 import security_pb2 as spb

@@ -22,8 +22,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmesh.auth.signature import sign
-from llmesh.auth_client import ApiKey, gateway_channel
-from llmesh.client import describe_error
+from llmesh.client import ApiKey, describe_error, gateway_channel
 from llmesh.pb.inference.v1 import inference_pb2 as pb
 from llmesh.pb.inference.v1 import inference_pb2_grpc as pb_grpc
 from llmesh.pb.security.v1 import security_pb2 as spb

@@ -14,8 +14,7 @@ import grpc
 import psutil
 import pytest
 
-from llmesh.auth_client import ApiKey, gateway_channel
-from llmesh.client import local_channel, sampling
+from llmesh.client import ApiKey, gateway_channel, local_channel, sampling
 from llmesh.demo.job import FAQ_RANK, FAQ_TRAINING
 from llmesh.demo.models import faq_pairs
 from llmesh.pb.inference.v1 import inference_pb2 as ipb

@@ -12,15 +12,23 @@ import grpc
 from rich.console import Console
 from rich.panel import Panel
 
-from llmesh.auth_client import ApiKey, gateway_channel
-from llmesh.client import describe_error, local_channel, sampling
+from llmesh.client import (
+    ApiKey,
+    ApiKeyError,
+    describe_error,
+    gateway_channel,
+    local_channel,
+    read_api_key_file,
+    sampling,
+)
+from llmesh.client.trainer import upload, watch
+from llmesh.config import MeshConfig
 from llmesh.pb.common.v1 import types_pb2
 from llmesh.pb.inference.v1 import inference_pb2 as pb
 from llmesh.pb.inference.v1 import inference_pb2_grpc as pb_grpc
 from llmesh.pb.security.v1 import security_pb2, security_pb2_grpc
 from llmesh.pb.trainer.v1 import trainer_pb2, trainer_pb2_grpc
-from llmesh.config import MeshConfig
-from llmesh.runtime.files import address, read_secret, write_secret
+from llmesh.runtime.files import address, write_secret
 from llmesh.runtime.identity import Principal
 
 console = Console()
@@ -28,55 +36,64 @@ DEMO_TENANT = "demo"
 
 NEXT_STEPS = """\
 The mesh is running (127.0.0.1 only). The demo's API key is in {key_file} (0600).
-Your own first call through the gateway ({gateway}):
+The CLI as a client, through the gateway ({gateway}) with that key (signed, rate-limited, audited):
+  export LLMESH_API_KEY_FILE={key_file}
+  llmesh generate "你好" --stream                 stream tokens
+  llmesh chat                                    interactive chat with server-side memory
+  llmesh adapters list                           the adapter registry (versions, aliases, evaluation)
+  llmesh train my.jsonl --name my-adapter --watch    a LoRA job on your own data
+Your own key and first call from Python:
   llmesh keys create --owner me --scope 'inference:*'       prints key_id=... and secret=... (once)
   python - <<'PY'
-  from llmesh.auth_client import ApiKey, gateway_channel
+  from llmesh.client import ApiKey, gateway_channel
   from llmesh.pb.inference.v1 import inference_pb2 as pb, inference_pb2_grpc as pb_grpc
   stub = pb_grpc.InferenceStub(gateway_channel("{gateway}", ApiKey("KEY_ID", "SECRET")))
   print(stub.Generate(pb.GenerateRequest(prompt="我的手机号是13812348000"), timeout=60).text)
   PY
-Operator commands on this host:
+Operator commands on this host (no key: straight to the services):
   llmesh status                                  every process, health, port, pid
-  llmesh generate "你好" --stream                 stream tokens (straight to the inference service)
-  llmesh chat                                    interactive chat with server-side memory
   llmesh audit query --limit 10                  the audit trail of the calls above
   llmesh compliance report                       checks of the running configuration, with evidence
-  llmesh adapters list                           the adapter registry (versions, aliases, evaluation)
-  llmesh train my.jsonl --name my-adapter --watch    a LoRA job on your own data
   grpcurl -plaintext {gateway} list        the public API by reflection
   llmesh down                                    stop everything
 Demo models have random weights: text is noise until llm_path points at a real model
 (see README, "Real models"); the faq adapter above has memorised the bundled FAQ."""
 
 DEMO_SCOPES = ["inference:*", "trainer:*"]
-# Enough for the ~1M-parameter demo LM to memorise the 20 FAQ pairs in seconds on a CPU.
-FAQ_TRAINING = dict(epochs=60, learning_rate=3e-3, batch_size=4, max_length=192, seed=1)
 FAQ_RANK = 16
 PII_PROMPT = "我的手机号是13812348000，邮箱zhang.san@example.com，VPN密码忘了怎么办？"
+
+
+class DemoFailed(Exception):
+    """A step of the demo did not do what it shows; the message says which and where to look."""
 
 
 def _section(title: str) -> None:
     console.rule(f"[bold]{title}")
 
 
+def demo_key_file(cfg: MeshConfig) -> Path:
+    """Where the demo keeps its API key: the file ``--api-key-file`` reads."""
+    return cfg.home / "demo" / "api-key.json"
+
+
 def demo_key(cfg: MeshConfig) -> ApiKey:
     """The demo's API key: created once through the security service and kept in
-    ``LLMESH_HOME/demo/api-key.json`` (0600); a revoked or lost one is replaced."""
-    path = cfg.home / "demo" / "api-key.json"
+    ``LLMESH_HOME/demo/api-key.json`` (0600); a revoked, lost or unreadable one is replaced."""
+    path = demo_key_file(cfg)
     security = security_pb2_grpc.SecurityStub(
         local_channel(address(cfg.security.server.host, cfg.security.server.port), cfg.home)
     )
     if path.is_file():
-        saved = json.loads(read_secret(path))
         try:
+            saved = read_api_key_file(path)
             issued = security.IssueToken(
-                security_pb2.IssueTokenRequest(key_id=saved["key_id"], secret=saved["secret"]), timeout=10
+                security_pb2.IssueTokenRequest(key_id=saved.key_id, secret=saved.secret), timeout=10
             )
             if set(issued.scopes) == set(DEMO_SCOPES):
-                return ApiKey(saved["key_id"], saved["secret"])
-        except grpc.RpcError:
-            pass  # revoked, expired or from another mesh: make a new one
+                return saved
+        except (ApiKeyError, grpc.RpcError):
+            pass  # malformed, revoked, expired or from another mesh: make a new one
     created = security.CreateApiKey(
         security_pb2.CreateApiKeyRequest(owner="demo", tenant=DEMO_TENANT, scopes=DEMO_SCOPES, roles=["user"]),
         timeout=10,
@@ -114,36 +131,51 @@ def run_demo(cfg: MeshConfig, config_path: Path | None, timeout: float) -> int:
     except grpc.RpcError as e:
         console.print(f"[red]{describe_error(e)}[/red]")
         return 1
+    except DemoFailed as e:
+        console.print(f"[red]{e}[/red]")
+        return 1
     _section("next")
-    print(NEXT_STEPS.format(gateway=gateway, key_file=cfg.home / "demo" / "api-key.json"))
+    print(NEXT_STEPS.format(gateway=gateway, key_file=demo_key_file(cfg)))
     return 0
+
+
+def live_adapter(trainer: trainer_pb2_grpc.TrainerStub, name: str) -> trainer_pb2.Adapter | None:
+    """``name@live``, or None while there is none."""
+    try:
+        return trainer.GetAdapter(trainer_pb2.GetAdapterRequest(ref=f"{name}@live"), timeout=10)
+    except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.NOT_FOUND:
+            raise
+        return None
 
 
 def adapt(inference: pb_grpc.InferenceStub, trainer: trainer_pb2_grpc.TrainerStub) -> None:
     """Train a LoRA adapter on the bundled FAQ (once), publish it as faq@live, and
     compare the answers of the base model and the adapter."""
-    from llmesh.cli_trainer import upload, watch
     from llmesh.demo.models import faq_pairs
 
     _section("LoRA adapter trained on the bundled FAQ (trainer service, published without a Triton restart)")
     pairs = faq_pairs()
-    try:
-        live = trainer.GetAdapter(trainer_pb2.GetAdapterRequest(ref="faq@live"), timeout=10)
+    live = live_adapter(trainer, "faq")
+    if live is not None:
         console.print(f"already trained and live: {live.ref} (job {live.job_id})")
-    except grpc.RpcError as e:
-        if e.code() != grpc.StatusCode.NOT_FOUND:
-            raise
+    else:
         ds = upload(trainer, json.dumps(pairs, ensure_ascii=False).encode(), "faq.json", eval_fraction=0.1, seed=3)
         console.print(f"dataset {ds.dataset_id}: {ds.train_examples} train + {ds.eval_examples} held-out pairs")
-        job = trainer.CreateJob(
-            trainer_pb2.CreateJobRequest(
-                dataset_id=ds.dataset_id, adapter_name="faq", lora=trainer_pb2.LoraConfig(rank=FAQ_RANK), **FAQ_TRAINING
-            ),
-            timeout=30,
+        # Enough for the ~1M-parameter demo LM to memorise the 20 FAQ pairs in seconds on a CPU.
+        request = trainer_pb2.CreateJobRequest(
+            dataset_id=ds.dataset_id,
+            adapter_name="faq",
+            lora=trainer_pb2.LoraConfig(rank=FAQ_RANK),
+            epochs=60,
+            learning_rate=3e-3,
+            batch_size=4,
+            max_length=192,
+            seed=1,
         )
-        job = watch(trainer, job.job_id)
+        job = watch(trainer, trainer.CreateJob(request, timeout=30).job_id, console)
         if job.state != trainer_pb2.JOB_STATE_SUCCEEDED:
-            raise RuntimeError(f"training failed: {job.error}")
+            raise DemoFailed(f"training the faq adapter failed: {job.error} (llmesh logs trainer)")
         console.print(
             f"held-out loss: base {job.base.loss:.2f} → adapter {job.tuned.loss:.2f} "
             f"(perplexity {job.base.perplexity:.0f} → {job.tuned.perplexity:.0f})"
@@ -218,7 +250,7 @@ def show(cfg: MeshConfig, stub: pb_grpc.InferenceStub, key: ApiKey) -> None:
         local_channel(address(cfg.security.server.host, cfg.security.server.port), cfg.home)
     )
     deadline = time.monotonic() + 5
-    records: list = []
+    records: list[security_pb2.AuditRecord] = []
     while time.monotonic() < deadline and len(records) < 4:  # the gateway sends audit in batches
         records = list(
             security.QueryAudit(security_pb2.QueryAuditRequest(actor="demo", limit=1000), timeout=10).records

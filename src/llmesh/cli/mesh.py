@@ -1,0 +1,87 @@
+"""Operator commands on the mesh's host: the demo models, the embedded mesh
+(up/down/status/logs) and the demo. They act on this host only."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from llmesh.cli.common import ConfigOpt, console, fail, mesh_config
+
+models_app = typer.Typer(help="Demo models under LLMESH_HOME/models.", no_args_is_help=True)
+
+
+@models_app.command("init")
+def models_init(
+    config: ConfigOpt = None, force: Annotated[bool, typer.Option(help="Rebuild even if present.")] = False
+) -> None:
+    """Build the tiny demo models (Qwen2-style LM, CLIP) deterministically, offline."""
+    from llmesh.demo.models import init_models
+
+    cfg = mesh_config(config)
+    for name, path in init_models(cfg.home, force=force).items():
+        console.print(f"{name}: {path}")
+
+
+def up(
+    config: ConfigOpt = None, timeout: Annotated[float, typer.Option(help="Seconds to wait for health.")] = 300
+) -> None:
+    """Start Redis, tritonserver and every service on 127.0.0.1, supervised; wait for health."""
+    from llmesh.launcher import control
+
+    cfg = mesh_config(config)
+    try:
+        control.up(cfg, config_path=config, timeout=timeout)
+    except control.LauncherError as e:
+        fail(str(e))
+    control.render_status(control.status(cfg))
+
+
+def down(config: ConfigOpt = None) -> None:
+    """Stop the mesh gracefully (services first, then Triton, then Redis)."""
+    from llmesh.launcher import control
+
+    control.down(mesh_config(config))  # "not running" is not an error: down is idempotent
+
+
+def status(config: ConfigOpt = None) -> None:
+    """A table of every process: state, live health, port, pid, restarts."""
+    from llmesh.launcher import control
+
+    control.render_status(control.status(mesh_config(config)))
+
+
+def logs(
+    name: Annotated[
+        str | None, typer.Argument(help="Process name (redis, tritonserver, inference, supervisor); all if omitted.")
+    ] = None,
+    lines: Annotated[int, typer.Option("-n", help="Lines to show.")] = 50,
+    follow: Annotated[bool, typer.Option("-f", "--follow", help="Keep printing new lines.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Show the logs of the mesh's processes."""
+    from llmesh.launcher import control
+
+    try:
+        control.logs(mesh_config(config), name, lines=lines, follow=follow)
+    except control.LauncherError as e:
+        fail(str(e))
+
+
+def demo(
+    config: ConfigOpt = None, timeout: Annotated[float, typer.Option(help="Seconds to wait for health.")] = 300
+) -> None:
+    """The main job: bring the mesh up, show what it does, and leave it running.
+
+    A streamed generation, a templated prompt, a chat turn with PII masked, the audit
+    trail and a LoRA adapter trained on the bundled FAQ, all through the gateway."""
+    from llmesh.demo.job import run_demo
+
+    raise typer.Exit(run_demo(mesh_config(config), config, timeout))
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(models_app, name="models")
+    for command in (up, down, status, logs, demo):
+        app.command()(command)
