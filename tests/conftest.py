@@ -15,6 +15,7 @@ import pytest
 
 from llmesh.client import local_channel
 from llmesh.config import MeshConfig, load_config
+from tests.support.orphans import down_leaves_no_orphans
 from tests.support.sandbox import free_ports, make_random_adapter, write_config
 
 TEST_ADAPTER = "test-lora"
@@ -69,7 +70,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         control.down(cfg)
         raise
     yield Mesh(cfg, path)
-    control.down(cfg)
+    # Last thing of every session that started the mesh: no process of it survives `down`.
+    down_leaves_no_orphans(cfg)
 
 
 @pytest.fixture(scope="session")

@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 
 from llmesh.adapter_store import Announced
+from llmesh.config import MeshConfig, load_config
 from llmesh.pb.inference.v1 import inference_pb2, inference_pb2_grpc
 from llmesh.runtime import server
-from llmesh.config import load_config
 from llmesh.runtime.identity import InternalIdentity, load_secret
 from llmesh.services.inference.llm_backend import GenerationInput, LlmBackend
 from llmesh.services.inference.memory import ChatMemory
@@ -18,8 +19,8 @@ from llmesh.services.inference.servicer import InferenceServicer
 from llmesh.services.inference.templates import TemplateLibrary
 
 
-def build() -> server.Service:
-    mesh = load_config()
+def build(mesh: MeshConfig | None = None) -> server.Service:
+    mesh = mesh or load_config()
     cfg = mesh.inference
     llm = LlmBackend(cfg.peers.triton, cfg.model)
     memory = ChatMemory.from_url(cfg.peers.redis, max_messages=cfg.chat_max_messages, ttl_seconds=cfg.chat_ttl_seconds)
@@ -27,7 +28,7 @@ def build() -> server.Service:
     identity = InternalIdentity(load_secret(mesh.home))
     servicer = InferenceServicer(cfg, llm, memory, templates, identity, Announced(mesh.adapter_dir))
 
-    def register(s: grpc.aio.Server) -> list:
+    def register(s: grpc.aio.Server) -> list[ServiceDescriptor]:
         inference_pb2_grpc.add_InferenceServicer_to_server(servicer, s)
         return [inference_pb2.DESCRIPTOR.services_by_name["Inference"]]
 

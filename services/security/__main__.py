@@ -7,10 +7,11 @@ State lives in ``LLMESH_HOME/security/``: ``security.db`` (SQLite, WAL) and
 from __future__ import annotations
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 
+from llmesh.config import MeshConfig, load_config
 from llmesh.pb.security.v1 import security_pb2, security_pb2_grpc
 from llmesh.runtime import server
-from llmesh.config import MeshConfig, load_config
 from llmesh.runtime.identity import InternalIdentity, load_secret
 from llmesh.services.security.servicer import SecurityServicer
 
@@ -20,7 +21,7 @@ def build(mesh: MeshConfig | None = None) -> server.Service:
     cfg = mesh.security
     servicer = SecurityServicer(cfg, mesh.home / "security")
 
-    def register(s: grpc.aio.Server) -> list:
+    def register(s: grpc.aio.Server) -> list[ServiceDescriptor]:
         security_pb2_grpc.add_SecurityServicer_to_server(servicer, s)
         return [security_pb2.DESCRIPTOR.services_by_name["Security"]]
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 
+from llmesh.config import MeshConfig, load_config
 from llmesh.pb.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from llmesh.runtime import server
-from llmesh.config import MeshConfig, load_config
 from llmesh.runtime.identity import InternalIdentity, load_secret
 from llmesh.services.trainer import registry
 from llmesh.services.trainer.runner import JobRunner
@@ -30,7 +31,7 @@ def build(mesh: MeshConfig | None = None) -> server.Service:
     identity = InternalIdentity(load_secret(mesh.home))
     servicer = TrainerServicer(mesh, db, identity, runner.wake)
 
-    def register(s: grpc.aio.Server) -> list:
+    def register(s: grpc.aio.Server) -> list[ServiceDescriptor]:
         trainer_pb2_grpc.add_TrainerServicer_to_server(servicer, s)
         return [trainer_pb2.DESCRIPTOR.services_by_name["Trainer"]]
 

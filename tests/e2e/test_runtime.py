@@ -1,4 +1,5 @@
-"""Health, reflection and graceful shutdown, checked with grpc's own clients."""
+"""Health, reflection and graceful shutdown, checked with grpc's own clients; the
+placeholder services (embedding, retrieval) run like the others."""
 
 from __future__ import annotations
 
@@ -15,12 +16,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from llmesh.client import local_channel, sampling
+from llmesh.client import ApiKey, gateway_channel, local_channel, sampling
+from llmesh.launcher import control, render_status
+from llmesh.pb.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from llmesh.pb.inference.v1 import inference_pb2 as pb
 from llmesh.pb.inference.v1 import inference_pb2_grpc
+from llmesh.pb.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
 from tests.conftest import Mesh, free_ports
 
 SERVICE = "llmesh.inference.v1.Inference"
+# Started, routed and announced like every service; each RPC answers UNIMPLEMENTED for now.
+PLACEHOLDERS = {"embedding": "llmesh.embedding.v1.Embedding", "retrieval": "llmesh.retrieval.v1.Retrieval"}
 
 
 def test_health_reports_serving_per_service(channel: grpc.Channel) -> None:
@@ -52,7 +58,7 @@ def test_reflection_lists_and_describes_the_api(channel: grpc.Channel) -> None:
     assert pool.FindMessageTypeByName("llmesh.common.v1.SamplingParams").fields_by_name["top_p"]
 
 
-def test_metrics_endpoint_counts_rpcs(mesh: Mesh, stub) -> None:  # type: ignore[no-untyped-def]
+def test_metrics_endpoint_counts_rpcs(mesh: Mesh, stub: inference_pb2_grpc.InferenceStub) -> None:
     import urllib.request
 
     stub.ListTemplates(pb.ListTemplatesRequest(), timeout=10)
@@ -66,7 +72,7 @@ def test_metrics_endpoint_counts_rpcs(mesh: Mesh, stub) -> None:  # type: ignore
     )
 
 
-def start_service(mesh: Mesh, **env_extra: str) -> tuple[subprocess.Popen, grpc.Channel]:
+def start_service(mesh: Mesh, **env_extra: str) -> tuple[subprocess.Popen[bytes], grpc.Channel]:
     """A second inference service process on its own port, sharing the mesh's peers."""
     (port,) = free_ports(1)
     env = {
@@ -128,7 +134,9 @@ class _Collector(trace_service_pb2_grpc.TraceServiceServicer):
     def __init__(self) -> None:
         self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
 
-    def Export(self, request, context):  # type: ignore[no-untyped-def]
+    def Export(
+        self, request: trace_service_pb2.ExportTraceServiceRequest, context: grpc.ServicerContext
+    ) -> trace_service_pb2.ExportTraceServiceResponse:
         self.requests.append(request)
         return trace_service_pb2.ExportTraceServiceResponse()
 
@@ -170,7 +178,7 @@ def test_traces_are_exported_over_otlp_when_an_endpoint_is_set(mesh: Mesh) -> No
     assert services == {"llmesh-inference"}
 
 
-def test_message_size_limit_is_enforced(mesh: Mesh, stub) -> None:  # type: ignore[no-untyped-def]
+def test_message_size_limit_is_enforced(mesh: Mesh, stub: inference_pb2_grpc.InferenceStub) -> None:
     too_big = "x" * (mesh.cfg.inference.server.max_message_bytes + 1024)
     with pytest.raises(grpc.RpcError) as e:
         stub.Generate(pb.GenerateRequest(prompt=too_big), timeout=30)
@@ -213,3 +221,53 @@ def test_services_refuse_calls_that_bypass_the_gateway(mesh: Mesh) -> None:
                     security_pb2.ListApiKeysRequest(), metadata=md, timeout=5
                 )
             assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+@pytest.mark.parametrize("name", PLACEHOLDERS)
+def test_placeholder_services_are_started_healthy_and_reflected(
+    mesh: Mesh, name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    port = mesh.cfg.embedding.server.port if name == "embedding" else mesh.cfg.retrieval.server.port
+    with local_channel(f"127.0.0.1:{port}", mesh.cfg.home) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        for service in ("", PLACEHOLDERS[name]):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        assert PLACEHOLDERS[name] in set(ProtoReflectionDescriptorDatabase(ch).get_services())
+    rows = {r.name: r for r in control.status(mesh.cfg)}
+    assert (rows[name].state, rows[name].health, rows[name].port) == ("healthy", "SERVING", port)
+    capsys.readouterr()
+    render_status(list(rows.values()))  # what `llmesh status` prints
+    assert name in capsys.readouterr().out
+
+
+def test_placeholder_rpcs_answer_unimplemented_through_the_gateway(mesh: Mesh) -> None:
+    from llmesh.pb.security.v1 import security_pb2
+
+    created = mesh.security().CreateApiKey(
+        security_pb2.CreateApiKeyRequest(owner="placeholders", tenant="acme", scopes=["embedding:*", "retrieval:*"]),
+        timeout=10,
+    )
+    gateway = f"127.0.0.1:{mesh.cfg.gateway.server.port}"
+    with gateway_channel(gateway, ApiKey(created.key.key_id, created.secret)) as ch:
+        assert set(PLACEHOLDERS.values()) <= set(ProtoReflectionDescriptorDatabase(ch).get_services())
+        embedding = embedding_pb2_grpc.EmbeddingStub(ch)
+        retrieval = retrieval_pb2_grpc.RetrievalStub(ch)
+        header = retrieval_pb2.IngestRequest(header=retrieval_pb2.DocumentHeader(collection="docs", document_id="d1"))
+        calls = {  # one per shape: unary, server stream, client stream
+            "EmbedText": lambda: embedding.EmbedText(embedding_pb2.EmbedTextRequest(texts=["hi"]), timeout=10),
+            "ListEmbeddingModels": lambda: embedding.ListEmbeddingModels(
+                embedding_pb2.ListEmbeddingModelsRequest(), timeout=10
+            ),
+            "Search": lambda: retrieval.Search(retrieval_pb2.SearchRequest(collection="docs", query="q"), timeout=10),
+            "AnswerStream": lambda: list(
+                retrieval.AnswerStream(retrieval_pb2.AnswerRequest(collection="docs", question="q"), timeout=10)
+            ),
+            "Ingest": lambda: retrieval.Ingest(iter([header, retrieval_pb2.IngestRequest(data=b"text")]), timeout=10),
+        }
+        for method, call in calls.items():
+            with pytest.raises(grpc.RpcError) as e:
+                call()
+            # Answered by the service itself (not UNAVAILABLE: the route points at something).
+            assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED, (method, e.value.details())
+            assert f"/{method} is not implemented yet" in (e.value.details() or "")

@@ -86,13 +86,19 @@ def write_config(home: Path, overrides: dict[str, dict[str, Any]] | None = None)
         gw_metrics,
         tr_port,
         tr_metrics,
-    ) = free_ports(12)
-    doc = {
+        em_port,
+        em_metrics,
+        re_port,
+        re_metrics,
+    ) = free_ports(16)
+    doc: dict[str, Any] = {
         "home": str(home),
         "redis": {"port": redis_port},
         "triton": {"grpc_port": t_grpc, "http_port": t_http, "metrics_port": t_metrics},
         "security": {"server": {"port": sec_port, "metrics_port": sec_metrics, "grace_seconds": 10}},
         "trainer": {"server": {"port": tr_port, "metrics_port": tr_metrics, "grace_seconds": 10}},
+        "embedding": {"server": {"port": em_port, "metrics_port": em_metrics, "grace_seconds": 10}},
+        "retrieval": {"server": {"port": re_port, "metrics_port": re_metrics, "grace_seconds": 10}},
         "gateway": {
             "server": {"port": gw_port, "metrics_port": gw_metrics, "grace_seconds": 10},
             "peers": {"security": f"127.0.0.1:{sec_port}", "redis": f"redis://127.0.0.1:{redis_port}/1"},
@@ -100,6 +106,8 @@ def write_config(home: Path, overrides: dict[str, dict[str, Any]] | None = None)
                 "llmesh.inference.v1.Inference": f"127.0.0.1:{inf_port}",
                 "llmesh.security.v1.Security": f"127.0.0.1:{sec_port}",
                 "llmesh.trainer.v1.Trainer": f"127.0.0.1:{tr_port}",
+                "llmesh.embedding.v1.Embedding": f"127.0.0.1:{em_port}",
+                "llmesh.retrieval.v1.Retrieval": f"127.0.0.1:{re_port}",
             },
         },
         "inference": {
@@ -126,7 +134,7 @@ def make_random_adapter(base: Path, dest: Path, seed: int = 1234) -> None:
     peft_model = get_peft_model(
         model, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     )
-    peft_model.save_pretrained(dest)
+    peft_model.save_pretrained(str(dest))
 
 
 @contextlib.contextmanager
@@ -134,8 +142,8 @@ def ephemeral_mesh(
     home: Path, overrides: dict[str, dict[str, Any]] | None = None, timeout: float = 300
 ) -> Iterator[tuple[MeshConfig, Path]]:
     """Build the demo models in ``home``, bring the mesh up, yield, bring it down."""
-    from llmesh.launcher import control
     from llmesh.demo.models import init_models
+    from llmesh.launcher import control
 
     home.mkdir(parents=True, exist_ok=True)
     path = write_config(home, overrides)

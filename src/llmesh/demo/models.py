@@ -25,6 +25,7 @@ import pathlib
 import shutil
 import tempfile
 from importlib import resources
+from itertools import pairwise
 from typing import Any
 
 from llmesh.runtime.files import publish_dir
@@ -180,7 +181,7 @@ def _train_bpe(
     pair_counts: defaultdict[tuple[str, str], int] = defaultdict(int)
     where: defaultdict[tuple[str, str], set[int]] = defaultdict(set)
     for i, symbols in enumerate(words):
-        for pair in zip(symbols, symbols[1:]):
+        for pair in pairwise(symbols):
             pair_counts[pair] += counts[i]
             where[pair].add(i)
 
@@ -199,7 +200,7 @@ def _train_bpe(
         touched: set[tuple[str, str]] = set()
         for i in sorted(where.pop(pair, ())):
             symbols = words[i]
-            for old in zip(symbols, symbols[1:]):
+            for old in pairwise(symbols):
                 pair_counts[old] -= counts[i]
                 touched.add(old)
             out: list[str] = []
@@ -212,7 +213,7 @@ def _train_bpe(
                     out.append(symbols[j])
                     j += 1
             words[i] = out
-            for new in zip(out, out[1:]):
+            for new in pairwise(out):
                 pair_counts[new] += counts[i]
                 where[new].add(i)
                 touched.add(new)
@@ -247,8 +248,8 @@ def build_llm(dest: pathlib.Path) -> pathlib.Path:
     )
     tokenizer = Qwen2Tokenizer(
         vocab=vocab,
-        merges=merges,
-        unk_token=None,
+        merges=merges,  # type: ignore[arg-type]  # annotated as strings; the BPE model takes (a, b) pairs too
+        unk_token=None,  # type: ignore[arg-type]  # no unknown token: byte-level BPE covers every input
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         additional_special_tokens=None,
@@ -260,6 +261,7 @@ def build_llm(dest: pathlib.Path) -> pathlib.Path:
 
     eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert isinstance(eos_id, int) and isinstance(pad_id, int)  # one token each
     config = Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -268,20 +270,20 @@ def build_llm(dest: pathlib.Path) -> pathlib.Path:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=1024,
-        rope_theta=10000.0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         tie_word_embeddings=False,
         bos_token_id=None,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
         use_cache=True,
-        torch_dtype="float32",
+        dtype="float32",
     )
     torch.manual_seed(LLM_SEED)
-    model = Qwen2ForCausalLM(config).eval()
+    model = Qwen2ForCausalLM(config).eval()  # type: ignore[no-untyped-call]  # unannotated in transformers
     gen = torch.Generator().manual_seed(LLM_SEED + 1)
     with torch.no_grad():
         model.lm_head.weight.copy_(torch.randn(model.lm_head.weight.shape, generator=gen) * 0.2)
-    model.generation_config = GenerationConfig(
+    model.generation_config = GenerationConfig(  # type: ignore[no-untyped-call]  # unannotated in transformers
         eos_token_id=eos_id, pad_token_id=pad_id, bos_token_id=None, do_sample=False
     )
 
@@ -313,7 +315,11 @@ def build_clip(dest: pathlib.Path) -> pathlib.Path:
         special_tokens=["<|startoftext|>", "<|endoftext|>"],
         end_of_word_suffix="</w>",
     )
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    tokenizer = CLIPTokenizer(
+        vocab=vocab,
+        merges=merges,  # type: ignore[arg-type]  # annotated as strings; the BPE model takes (a, b) pairs too
+        model_max_length=77,
+    )
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": 32},
         crop_size={"height": 32, "width": 32},
@@ -322,7 +328,9 @@ def build_clip(dest: pathlib.Path) -> pathlib.Path:
         do_normalize=True,
         do_convert_rgb=True,
     )
-    processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    processor = CLIPProcessor(  # type: ignore[no-untyped-call]  # unannotated in transformers
+        image_processor=image_processor, tokenizer=tokenizer
+    )
 
     text_config = CLIPTextConfig(
         vocab_size=len(tokenizer),
@@ -351,7 +359,7 @@ def build_clip(dest: pathlib.Path) -> pathlib.Path:
         projection_dim=64,
     )
     torch.manual_seed(CLIP_SEED)
-    model = CLIPModel(config).eval()
+    model = CLIPModel(config).eval()  # type: ignore[no-untyped-call]  # unannotated in transformers
 
     return _save_atomically(dest, "clip", model, processor)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Literal
+from typing import Any, Literal
 
 import grpc
 import redis
@@ -74,7 +74,8 @@ def probe_grpc(host: str, port: int, timeout: float = 1.0, service: str = "") ->
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         except grpc.RpcError as e:
-            code = e.code() if isinstance(e, grpc.Call) else None
+            call: Any = e  # a sync call's error is also its grpc.Call; the stubs cannot say so
+            code = call.code() if hasattr(call, "code") else None
             # UNAVAILABLE: nothing listens. Anything else (a hung or unimplemented
             # health service) answers, so it is up but not serving.
             return DOWN if code == grpc.StatusCode.UNAVAILABLE else NOT_SERVING

@@ -85,3 +85,10 @@ class DeadlineExceeded(LlmeshError):
 class Cancelled(LlmeshError):
     code = grpc.StatusCode.CANCELLED
     reason = "CANCELLED"
+
+
+class Unimplemented(LlmeshError):
+    """An RPC of the contract that this service does not serve yet."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+    reason = "UNIMPLEMENTED"
