@@ -1,10 +1,11 @@
-"""PII detection and masking for sensitive fields, before they are forwarded to an LLM.
+"""PII masking for sensitive fields, before they are forwarded to an LLM.
 
-Pure Python, no network, no ML: each entity is a precompiled regex that only proposes
-candidates, plus a validator (check digit, Luhn, real date, ``ipaddress``) that decides,
-because a bare digit pattern would also hit order numbers, amounts and dates.
-Overlapping candidates are resolved longest-first, so an ID number is never split into
-a "phone" and leftovers.
+The entities, patterns, validators and default operators are the shared rule set
+(``llmesh.auth.pii``, also what the security service publishes); this module is the
+enforcement: candidates are proposed by each entity's regex and decided by its
+validator, overlaps are resolved longest-first (an ID number is never split into a
+"phone" and leftovers), and each finding is rendered per its operator. Pure Python, no
+network, no ML.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from bisect import bisect_right
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import date
-from enum import Enum
 
-__all__ = ["DEFAULT_OPERATORS", "ENTITIES", "Finding", "Masker", "Operator", "Rule", "Vault"]
+from llmesh.auth import pii
+from llmesh.auth.pii import Operator, Span, compact
+
+__all__ = ["DEFAULT_OPERATORS", "Finding", "Masker", "Operator", "Rule", "Vault"]
 
 
 @dataclass(frozen=True)
@@ -30,13 +32,6 @@ class Finding:
     start: int
     end: int
     value: str = field(repr=False)  # raw PII: keep it out of logs and tracebacks
-
-
-class Operator(str, Enum):
-    MASK = "mask"
-    REDACT = "redact"
-    HASH = "hash"
-    PSEUDONYMIZE = "pseudonymize"
 
 
 @dataclass(frozen=True)
@@ -48,147 +43,9 @@ class Rule:
     operator: Operator
 
 
-ENTITIES = ("cn_id", "bank_card", "cn_mobile", "email", "ipv6", "ipv4")  # tie-break order
-DEFAULT_OPERATORS: Mapping[str, Operator] = {
-    "cn_id": Operator.PSEUDONYMIZE,
-    "cn_mobile": Operator.PSEUDONYMIZE,
-    "bank_card": Operator.PSEUDONYMIZE,
-    "email": Operator.PSEUDONYMIZE,
-    "ipv4": Operator.MASK,
-    "ipv6": Operator.MASK,
-}
+DEFAULT_OPERATORS: Mapping[str, Operator] = {e.name: e.operator for e in pii.ENTITIES}
 _ALIASES = {"ip": ("ipv4", "ipv6")}  # operators may configure both IP families at once
-_TAGS = {"cn_mobile": "PHONE", "cn_id": "ID", "bank_card": "CARD", "email": "EMAIL", "ipv4": "IP", "ipv6": "IP"}
-
-# ---------------------------------------------------------------- candidate patterns
-# Chinese IMEs often type full-width digits; they are the same number to a reader.
-_D = "[0-9\uff10-\uff19]"
-_ND = rf"(?!{_D})"  # not followed by a digit: a match never ends inside a longer run
-_FULLWIDTH = str.maketrans("\uff10\uff11\uff12\uff13\uff14\uff15\uff16\uff17\uff18\uff19", "0123456789")
-
-
-def _first(chars: str, not_after: str) -> str:
-    """A first character from ``chars`` not preceded by one of ``not_after``.
-
-    Written char-class first (the boundary is a lookbehind *after* it) because sre then
-    skips through the text with a fast charset scan instead of trying the pattern at every
-    position: about 3x faster than a leading lookbehind on mixed Chinese/English text.
-    """
-    return f"{chars}(?<!{not_after}{chars})"
-
-
-# Optional +86 / 0086 / 86 prefix, then 1[3-9]x in 3-4-4 groups. Each prefix branch
-# re-reads the already consumed first character via a lookbehind.
-_MOBILE = re.compile(
-    _first("[+0-9\uff10-\uff19]", "[+0-9\uff10-\uff19]")
-    + r"(?:(?<=\+)86[ -]?[1\uff11]|(?<=0)086[ -]?[1\uff11]|(?<=8)6[ -]?[1\uff11]|(?<=[1\uff11]))"
-    + rf"[3-9\uff13-\uff19]{_D}(?:[ -]?{_D}{{4}}){{2}}{_ND}"
-)
-_CN_ID = re.compile(_first(_D, _D) + rf"{_D}{{5}} ?{_D}{{8}} ?{_D}{{3}}[0-9Xx\uff10-\uff19]{_ND}(?![Xx])")
-# A separated 1-3 digit tail is optional so "card 4111… 12" can fall back to the 16 digits.
-_CARD = re.compile(_first(_D, _D) + rf"{_D}{{3}}(?:[ -]?{_D}{{4}}){{3}}(?P<tail>[ -]?{_D}{{1,3}})?{_ND}")
-_LOCAL = r"[A-Za-z0-9._%+\-]"
-_EMAIL = re.compile(
-    _first(_LOCAL, _LOCAL)
-    + rf"{_LOCAL}*@(?:[A-Za-z0-9](?:[A-Za-z0-9\-]{{0,61}}[A-Za-z0-9])?\.)+[A-Za-z]{{2,63}}(?![A-Za-z0-9\-])"
-)
-# Letters/dots on the left or a dotted digit on the right mean "v1.2.3.4" / "1.2.3.4.5".
-_IPV4 = re.compile(
-    _first("[0-9]", "[A-Za-z0-9_.]") + r"[0-9]{0,2}\.(?:[0-9]{1,3}\.){2}[0-9]{1,3}(?![A-Za-z0-9_]|\.[0-9])"
-)
-# Starts after a non-hex char, after "label:" or "IPv6:", never mid-address (that would
-# turn "1:2:3:4:5:6:7:8:9" into a valid tail). Shape only: ``ipaddress`` validates.
-_IPV6 = re.compile(
-    r"[0-9A-Fa-f:](?:(?<![0-9A-Za-z_.:].)|(?<=[^0-9A-Fa-f:]:.)|(?<=[vV]6:.))"
-    r"(?:(?<=[0-9A-Fa-f])[0-9A-Fa-f]{0,3}(?::[0-9A-Fa-f]{0,4}){2,7}|(?<=:)(?::[0-9A-Fa-f]{0,4}){1,7})"
-    r"(?:(?<=:)(?:[0-9]{1,3}\.){3}[0-9]{1,3})?"
-    r"(?![0-9A-Za-z_:]|\.[0-9])"
-)
-
-# ---------------------------------------------------------------- validators
-Span = tuple[int, int]
-Validator = Callable[[re.Match[str]], Span | None]
-
-_ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
-_ID_CHECK = "10X98765432"
-
-
-def _compact(value: str) -> str:
-    """Digits only (ASCII), separators dropped; an ID's trailing X is kept upper-case."""
-    return "".join(c for c in value.translate(_FULLWIDTH).upper() if c.isalnum())
-
-
-def cn_id_check_digit(first17: str) -> str:
-    """GB 11643-1999 check character for the first 17 digits."""
-    return _ID_CHECK[sum(int(c) * w for c, w in zip(first17, _ID_WEIGHTS, strict=True)) % 11]
-
-
-def _is_real_birth_date(yyyymmdd: str) -> bool:
-    try:
-        born = date(int(yyyymmdd[:4]), int(yyyymmdd[4:6]), int(yyyymmdd[6:]))
-    except ValueError:
-        return False
-    return date(1900, 1, 1) <= born <= date.today()
-
-
-def is_cn_id(value: str) -> bool:
-    s = _compact(value)
-    return (
-        len(s) == 18
-        and s[0] in "12345678"  # region codes start 1-8
-        and _is_real_birth_date(s[6:14])
-        and cn_id_check_digit(s[:17]) == s[17]
-    )
-
-
-def luhn_ok(digits: str) -> bool:
-    total = 0
-    for i, c in enumerate(reversed(digits)):
-        d = int(c)
-        if i % 2:
-            d = d * 2 - 9 if d > 4 else d * 2
-        total += d
-    return total % 10 == 0
-
-
-def is_bank_card(value: str) -> bool:
-    s = _compact(value)
-    # One repeated digit ("0000…") passes Luhn but is filler, not a card.
-    return 16 <= len(s) <= 19 and s.isdigit() and len(set(s)) > 1 and luhn_ok(s)
-
-
-def _valid_id(m: re.Match[str]) -> Span | None:
-    return m.span() if is_cn_id(m.group()) else None
-
-
-def _valid_card(m: re.Match[str]) -> Span | None:
-    if is_bank_card(m.group()):
-        return m.span()
-    tail = m.start("tail")
-    if tail != -1 and not m.group("tail")[0].isalnum():  # retry without a separated tail
-        if is_bank_card(m.string[m.start() : tail]):
-            return m.start(), tail
-    return None
-
-
-def _valid_email(m: re.Match[str]) -> Span | None:
-    local = m.group().split("@", 1)[0]
-    return None if local.startswith(".") or local.endswith(".") or ".." in local else m.span()
-
-
-def _valid_ip(m: re.Match[str]) -> Span | None:
-    if not any(c.isalnum() for c in m.group()):  # a bare "::" in prose is not an address
-        return None
-    try:
-        ipaddress.ip_address(m.group())  # also rejects leading zeros and octets > 255
-    except ValueError:
-        return None
-    return m.span()
-
-
-def _shape_only(m: re.Match[str]) -> Span | None:
-    """The pattern is the whole check (mobile prefixes, operator rules); empty matches are noise."""
-    return m.span() if m.end() > m.start() else None
+_TAGS = {e.name: e.label for e in pii.ENTITIES}
 
 
 # ---------------------------------------------------------------- mask renderers
@@ -246,9 +103,9 @@ def _label(entity: str) -> str:
 def _canonical(entity: str, value: str) -> str:
     """One spelling per real value, so "+86 138-1234-8000" and "13812348000" hash/pseudonymize alike."""
     if entity == "cn_mobile":
-        return _compact(value)[-11:]
+        return compact(value)[-11:]
     if entity in ("cn_id", "bank_card"):
-        return _compact(value)
+        return compact(value)
     if entity == "email":
         return value.lower()
     if entity in ("ipv4", "ipv6"):
@@ -319,7 +176,7 @@ class Vault:
 class _Detector:
     entity: str
     regex: re.Pattern[str]
-    validate: Validator
+    validate: Callable[[re.Match[str]], Span | None]
     rank: int  # equal-length overlap: lower rank wins (validated built-ins before rules)
     trigger: str = ""  # cheap substring test that lets the regex be skipped entirely
 
@@ -332,13 +189,9 @@ class _Detector:
                 yield self.rank, Finding(self.entity, span[0], span[1], text[span[0] : span[1]])
 
 
-_BUILTINS: tuple[_Detector, ...] = (
-    _Detector("cn_id", _CN_ID, _valid_id, 0),
-    _Detector("bank_card", _CARD, _valid_card, 1),
-    _Detector("cn_mobile", _MOBILE, _shape_only, 2),
-    _Detector("email", _EMAIL, _valid_email, 3, "@"),
-    _Detector("ipv6", _IPV6, _valid_ip, 4, ":"),
-    _Detector("ipv4", _IPV4, _valid_ip, 5, "."),
+# The shared rule set, compiled once: what the security service publishes is this.
+_BUILTINS: tuple[_Detector, ...] = tuple(
+    _Detector(e.name, e.regex, e.validate, e.rank, e.trigger) for e in sorted(pii.ENTITIES, key=lambda e: e.rank)
 )
 _RULE_NAME = re.compile(r"[a-z][a-z0-9_]*")
 
@@ -382,7 +235,7 @@ class Masker:
             regex = re.compile(rule.pattern)
         except re.error as e:
             raise ValueError(f"rule {rule.name!r}: bad pattern: {e}") from e
-        return _Detector(rule.name, regex, _shape_only, rank)
+        return _Detector(rule.name, regex, pii.VALIDATORS[""], rank)
 
     @staticmethod
     def _resolve_operators(overrides: Mapping[str, Operator], rules: Sequence[Rule]) -> dict[str, Operator]:

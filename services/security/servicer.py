@@ -11,17 +11,17 @@ from pathlib import Path
 import grpc
 from google.protobuf import timestamp_pb2
 
+from llmesh.auth import pii
 from llmesh.pb.security.v1 import security_pb2 as pb
 from llmesh.pb.security.v1 import security_pb2_grpc as pb_grpc
-from llmesh.services.security.settings import SecuritySettings
 from llmesh.runtime.errors import InvalidArgument, Unavailable
 from llmesh.runtime.identity import HS256_SECRET, load_secret
 from llmesh.services.security import apikeys as apikeys_mod
-from llmesh.services.security import masking
 from llmesh.services.security import tokens as tokens_mod
 from llmesh.services.security.apikeys import ApiKeyRecord, ApiKeys, granted_scopes
 from llmesh.services.security.audit import AuditEntry, AuditLog, StoredRecord
 from llmesh.services.security.keyring import DecryptError, Keyring
+from llmesh.services.security.settings import SecuritySettings
 from llmesh.services.security.store import open_database
 from llmesh.services.security.tokens import TokenIssuer
 
@@ -237,17 +237,17 @@ class SecurityServicer(pb_grpc.SecurityServicer):
         self, request: pb.GetMaskingRulesRequest, context: grpc.aio.ServicerContext
     ) -> pb.MaskingRules:
         return pb.MaskingRules(
-            version=masking.VERSION,
+            version=pii.VERSION,
             rules=[
                 pb.MaskingRule(
-                    name=r.name,
-                    pattern=r.pattern,
-                    reversible=r.reversible,
-                    operator=r.operator,
-                    validator=r.validator,
-                    label=r.label,
+                    name=e.name,
+                    pattern=e.pattern,
+                    reversible=e.reversible,
+                    operator=e.operator.value,
+                    validator=e.validator,
+                    label=e.label,
                 )
-                for r in masking.RULES
+                for e in pii.ENTITIES  # the gateway's masker compiles exactly these
             ],
         )
 

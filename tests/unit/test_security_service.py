@@ -25,14 +25,17 @@ import pytest_asyncio
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from llmesh.auth import pii
+from llmesh.config import ConfigError, MeshConfig, load_config
 from llmesh.pb.common.v1 import options_pb2
 from llmesh.pb.security.v1 import security_pb2 as pb
 from llmesh.pb.security.v1 import security_pb2_grpc as pb_grpc
-from llmesh.config import ConfigError, MeshConfig, load_config
 from llmesh.runtime.errors import Unauthenticated
 from llmesh.runtime.interceptors import ErrorMappingInterceptor
-from tests.support.sandbox import free_ports
+from llmesh.services.gateway.masking import DEFAULT_OPERATORS, Masker, Vault
 from llmesh.services.security.__main__ import build
+from tests.support.pii import NEGATIVE, POSITIVE
+from tests.support.sandbox import free_ports
 
 Code = grpc.StatusCode
 
@@ -381,7 +384,7 @@ async def test_audit_chain_detects_edit_delete_and_reorder(tmp_path: Path) -> No
         recs += list(batch.records)
         assert [x.sequence for x in recs] == list(range(1, 9))
         assert recs[0].prev_hash == "0" * 64
-        assert all(b.prev_hash == a.hash for a, b in zip(recs, recs[1:]))
+        assert all(b.prev_hash == a.hash for a, b in zip(recs, recs[1:], strict=False))
         ok = await r.stub.VerifyAuditChain(pb.VerifyAuditChainRequest())
         assert (ok.intact, ok.records, ok.first_bad_sequence) == (True, 8, 0)
 
@@ -469,7 +472,37 @@ async def test_masking_rules(sec: Running) -> None:
     for name, text in samples.items():
         assert re.search(by[name].pattern, text), name
     assert not re.search(by["cn_mobile"].pattern, "138123456789")
-    assert not re.search(by["ipv4"].pattern, "999.1.1.1")
+    # The pattern proposes, the named validator decides (what the gateway enforces too).
+    assert re.search(by["ipv4"].pattern, "999.1.1.1") and not _published_finds(by["ipv4"], "999.1.1.1")
+
+
+def _published_finds(rule: pb.MaskingRule, text: str) -> list[tuple[int, int]]:
+    """The spans a published rule finds in ``text``: its pattern's candidates that its
+    named validator accepts (the validator names are the published contract)."""
+    validate = pii.VALIDATORS[rule.validator]
+    return [span for m in re.finditer(rule.pattern, text) if (span := validate(m)) is not None]
+
+
+async def test_published_rules_are_the_enforced_rules(sec: Running) -> None:
+    """What GetMaskingRules publishes is what the gateway's masker enforces: the same
+    entities, operators and placeholder labels, and on every detection sample the
+    published patterns + validators find exactly what the masker finds (an overlapped
+    candidate loses to a longer or equal finding, as in the masker)."""
+    published = await sec.stub.GetMaskingRules(pb.GetMaskingRulesRequest())
+    rules = {r.name: r for r in published.rules}
+    assert published.version == pii.VERSION
+    assert {n: r.operator for n, r in rules.items()} == {k: v.value for k, v in DEFAULT_OPERATORS.items()}
+    masker = Masker(hash_key=b"k")
+    for entity, text, value in POSITIVE:
+        masked, _ = masker.mask(text, Vault())
+        assert (f"<{rules[entity].label}_1>" in masked) == rules[entity].reversible, (entity, masked)
+        assert value not in masked
+    for text in [t for _, t, _ in POSITIVE] + NEGATIVE:
+        enforced = {(f.entity, (f.start, f.end)) for f in masker.find(text)}
+        candidates = {(n, span) for n, r in rules.items() for span in _published_finds(r, text)}
+        assert enforced <= candidates, text
+        for _, (a, b) in candidates - enforced:  # each one lost to an overlapping, no shorter finding
+            assert any(s < b and a < e and e - s >= b - a for _, (s, e) in enforced), text
 
 
 # ---- bad input ----------------------------------------------------------------------
