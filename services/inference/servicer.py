@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
@@ -22,6 +23,8 @@ from llmesh.services.inference.sampling import Sampling
 from llmesh.services.inference.settings import InferenceSettings
 from llmesh.services.inference.templates import TemplateLibrary
 
+# The servicer methods' context (request and response types vary per method).
+Context = grpc.aio.ServicerContext[Any, Any]
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(@[A-Za-z0-9._-]{1,64})?$")
 FINISH = {
     "stop": types_pb2.FINISH_REASON_STOP,
@@ -57,7 +60,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.adapters = adapters
         self.chat = ChatTurns(llm, memory, cfg.max_prompt_chars)
 
-    def _tenant(self, context: grpc.aio.ServicerContext) -> str:
+    def _tenant(self, context: Context) -> str:
         """The caller's tenant, from the internal identity (verified, and cached, by the interceptor)."""
         return self.identity.principal(context).tenant
 
@@ -69,7 +72,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise InvalidArgument(field, f"is {len(value)} characters, the limit is {self.cfg.max_prompt_chars}")
         return value
 
-    def _adapter(self, name: str, context: grpc.aio.ServicerContext) -> str:
+    def _adapter(self, name: str, context: Context) -> str:
         if name and not ADAPTER_NAME.match(name):
             raise InvalidArgument("adapter", "must be a name or name@version of [A-Za-z0-9._-]")
         if not name:
@@ -89,7 +92,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             defaults=defaults,
         )
 
-    def _generation_input(self, req: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> GenerationInput:
+    def _generation_input(self, req: pb.GenerateRequest, context: Context) -> GenerationInput:
         which = req.WhichOneof("input")
         if which == "prompt":
             return GenerationInput(
@@ -105,11 +108,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             )
         raise InvalidArgument("prompt", "set either prompt or template")
 
-    def _timeout(self, context: grpc.aio.ServicerContext) -> float:
+    def _timeout(self, context: Context) -> float:
         return remaining_timeout(context, self.cfg.default_timeout_s)
 
     # ---- generation -------------------------------------------------------
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+    async def Generate(self, request: pb.GenerateRequest, context: Context) -> pb.GenerateResponse:
         inp = self._generation_input(request, context)
         c = await self.llm.complete(inp, timeout=self._timeout(context))
         return pb.GenerateResponse(
@@ -121,7 +124,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         )
 
     async def GenerateStream(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GenerateRequest, context: Context
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
         inp = self._generation_input(request, context)
         async for c in self.llm.stream(inp, timeout=self._timeout(context)):
@@ -133,9 +136,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 yield pb.GenerateStreamResponse(text_delta=c.text)
 
     # ---- chat -------------------------------------------------------------
-    async def _chat_turn(
-        self, req: pb.ChatRequest, context: grpc.aio.ServicerContext, cid: str
-    ) -> AsyncIterator[tuple[Chunk, int]]:
+    async def _chat_turn(self, req: pb.ChatRequest, context: Context, cid: str) -> AsyncIterator[tuple[Chunk, int]]:
         message = self._text(req.message, "message")
         sampling = self._sampling(req.sampling)
         adapter = self._adapter(req.adapter, context)
@@ -148,7 +149,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def _conversation_id(self, req: pb.ChatRequest) -> str:
         return check_conversation_id(req.conversation_id) if req.conversation_id else new_conversation_id()
 
-    async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext) -> pb.ChatResponse:
+    async def Chat(self, request: pb.ChatRequest, context: Context) -> pb.ChatResponse:
         cid = self._conversation_id(request)
         parts: list[str] = []
         async for c, kept in self._chat_turn(request, context, cid):
@@ -164,7 +165,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         raise AssertionError("unreachable: the backend always ends with a final chunk")
 
     async def _chat_stream(
-        self, request: pb.ChatRequest, context: grpc.aio.ServicerContext, cid: str
+        self, request: pb.ChatRequest, context: Context, cid: str
     ) -> AsyncIterator[pb.ChatStreamResponse]:
         async for c, kept in self._chat_turn(request, context, cid):
             if c.finish_reason:
@@ -178,14 +179,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             elif c.text:
                 yield pb.ChatStreamResponse(conversation_id=cid, text_delta=c.text)
 
-    async def ChatStream(
-        self, request: pb.ChatRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ChatStreamResponse]:
+    async def ChatStream(self, request: pb.ChatRequest, context: Context) -> AsyncIterator[pb.ChatStreamResponse]:
         async for msg in self._chat_stream(request, context, self._conversation_id(request)):
             yield msg
 
     async def Converse(
-        self, request_iterator: AsyncIterator[pb.ChatRequest], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[pb.ChatRequest], context: Context
     ) -> AsyncIterator[pb.ChatStreamResponse]:
         cid = ""
         async for request in request_iterator:
@@ -193,9 +192,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             async for msg in self._chat_stream(request, context, cid):
                 yield msg
 
-    async def GetConversation(
-        self, request: pb.GetConversationRequest, context: grpc.aio.ServicerContext
-    ) -> pb.Conversation:
+    async def GetConversation(self, request: pb.GetConversationRequest, context: Context) -> pb.Conversation:
         cid = check_conversation_id(request.conversation_id)
         history = await self.memory.load(self._tenant(context), cid)
         if history is None:
@@ -206,16 +203,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return pb.Conversation(conversation_id=cid, messages=messages, ttl_seconds=history.ttl_seconds)
 
     async def DeleteConversation(
-        self, request: pb.DeleteConversationRequest, context: grpc.aio.ServicerContext
+        self, request: pb.DeleteConversationRequest, context: Context
     ) -> pb.DeleteConversationResponse:
         return pb.DeleteConversationResponse(
             deleted=await self.memory.delete(self._tenant(context), check_conversation_id(request.conversation_id))
         )
 
     # ---- templates and models ---------------------------------------------
-    async def ListTemplates(
-        self, request: pb.ListTemplatesRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ListTemplatesResponse:
+    async def ListTemplates(self, request: pb.ListTemplatesRequest, context: Context) -> pb.ListTemplatesResponse:
         return pb.ListTemplatesResponse(
             templates=[
                 pb.TemplateInfo(name=t.name, description=t.description, variables=t.variables, sampling=t.sampling)
@@ -223,15 +218,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             ]
         )
 
-    async def RenderTemplate(
-        self, request: pb.TemplateInput, context: grpc.aio.ServicerContext
-    ) -> pb.RenderTemplateResponse:
+    async def RenderTemplate(self, request: pb.TemplateInput, context: Context) -> pb.RenderTemplateResponse:
         t = self.templates.get(request.name)
         return pb.RenderTemplateResponse(prompt=t.render(request.variables, field="variables"))
 
-    async def ListModels(
-        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ListModelsResponse:
+    async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(
             models=[pb.ModelInfo(name=n, version=v, ready=r) for n, v, r in await self.llm.models()]
         )

@@ -14,7 +14,7 @@ import time
 
 from llmesh.config import MeshConfig
 from llmesh.runtime.sqlite import Database, transaction
-from llmesh.services.trainer.store import TERMINAL, add_event, job_row
+from llmesh.services.trainer.store import TERMINAL, add_event, known_job_row
 from llmesh.services.trainer.worker import EXIT_INTERRUPTED
 
 log = logging.getLogger("llmesh.trainer.runner")
@@ -65,7 +65,7 @@ class JobRunner:
         def claim(conn: sqlite3.Connection) -> int:
             with transaction(conn):
                 conn.execute("UPDATE jobs SET state = 'running', attempts = attempts + 1 WHERE job_id = ?", (job_id,))
-            return int(job_row(conn, job_id)["attempts"])
+            return int(known_job_row(conn, job_id)["attempts"])
 
         attempt = await self.db.call(claim)
         folder = self.cfg.trainer_dir / "jobs" / job_id
@@ -81,7 +81,7 @@ class JobRunner:
 
         def settle(conn: sqlite3.Connection) -> None:
             with transaction(conn):
-                row = job_row(conn, job_id)
+                row = known_job_row(conn, job_id)
                 if row["state"] in TERMINAL:
                     return
                 if code == EXIT_INTERRUPTED:

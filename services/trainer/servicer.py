@@ -27,6 +27,8 @@ from llmesh.runtime.sqlite import Database
 from llmesh.services.trainer import datasets, job_params, registry, store
 from llmesh.services.trainer.intake import DatasetIntake, DatasetSpec, UploadBuffer, read_import
 
+# The servicer methods' context (request and response types vary per method).
+Context = grpc.aio.ServicerContext[Any, Any]
 FORMATS = {
     pb.DATASET_FORMAT_ALPACA_JSON: "alpaca_json",
     pb.DATASET_FORMAT_ALPACA_JSONL: "alpaca_jsonl",
@@ -109,7 +111,7 @@ def dataset_pb(row: sqlite3.Row) -> pb.Dataset:
     return pb.Dataset(
         dataset_id=row["dataset_id"],
         name=row["name"],
-        format=FORMAT_PB.get(row["format"], 0),
+        format=FORMAT_PB.get(row["format"], pb.DATASET_FORMAT_UNSPECIFIED),
         train_examples=row["train_examples"],
         eval_examples=row["eval_examples"],
         duplicates_dropped=row["duplicates"],
@@ -159,13 +161,13 @@ class TrainerServicer(pb_grpc.TrainerServicer):
         languages = datasets.Languages(t.translation_source_lang, t.translation_target_lang)
         self.intake = DatasetIntake(db, cfg.trainer_dir / "datasets", languages)
 
-    def _caller(self, context: grpc.aio.ServicerContext) -> str:
+    def _caller(self, context: Context) -> str:
         p = self.identity.principal(context)
         return f"{p.tenant}/{p.subject}"
 
     # ---- datasets ---------------------------------------------------------------------
     async def UploadDataset(
-        self, request_iterator: AsyncIterator[pb.UploadDatasetRequest], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[pb.UploadDatasetRequest], context: Context
     ) -> pb.Dataset:
         header: pb.DatasetHeader | None = None
         upload = UploadBuffer(self.cfg.trainer.max_dataset_bytes)
@@ -183,21 +185,21 @@ class TrainerServicer(pb_grpc.TrainerServicer):
         row = await self.intake.store(dataset_spec(header), upload.data(), self._caller(context))
         return dataset_pb(row)
 
-    async def ImportDataset(self, request: pb.ImportDatasetRequest, context: grpc.aio.ServicerContext) -> pb.Dataset:
+    async def ImportDataset(self, request: pb.ImportDatasetRequest, context: Context) -> pb.Dataset:
         limit = self.cfg.trainer.max_dataset_bytes
         data = await asyncio.to_thread(read_import, self.cfg.dataset_root, request.path, limit)
         spec = dataset_spec(request.header)
         spec = DatasetSpec(spec.name or Path(request.path).name, spec.fmt, spec.sha256, spec.eval_fraction, spec.seed)
         return dataset_pb(await self.intake.store(spec, data, self._caller(context)))
 
-    async def GetDataset(self, request: pb.GetDatasetRequest, context: grpc.aio.ServicerContext) -> pb.Dataset:
+    async def GetDataset(self, request: pb.GetDatasetRequest, context: Context) -> pb.Dataset:
         row = await self.db.call(lambda c: store.dataset_row(c, request.dataset_id))
         if row is None:
             raise NotFound("dataset", request.dataset_id)
         return dataset_pb(row)
 
     # ---- jobs -------------------------------------------------------------------------
-    async def CreateJob(self, request: pb.CreateJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
+    async def CreateJob(self, request: pb.CreateJobRequest, context: Context) -> pb.Job:
         params = job_params.check(job_params_of(request))
         job_id = "job_" + uuid.uuid4().hex[:16]
         who = self._caller(context)
@@ -213,23 +215,21 @@ class TrainerServicer(pb_grpc.TrainerServicer):
             raise NotFound("job", job_id)
         return row
 
-    async def GetJob(self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
+    async def GetJob(self, request: pb.GetJobRequest, context: Context) -> pb.Job:
         return job_pb(await self._job(request.job_id))
 
-    async def ListJobs(self, request: pb.ListJobsRequest, context: grpc.aio.ServicerContext) -> pb.ListJobsResponse:
+    async def ListJobs(self, request: pb.ListJobsRequest, context: Context) -> pb.ListJobsResponse:
         size = min(request.page_size or 50, MAX_PAGE)
         rows = await self.db.call(lambda c: store.recent_jobs(c, size))
         return pb.ListJobsResponse(jobs=[job_pb(r) for r in rows])
 
-    async def CancelJob(self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
+    async def CancelJob(self, request: pb.CancelJobRequest, context: Context) -> pb.Job:
         row = await self.db.call(lambda c: store.cancel_job(c, request.job_id))
         if row is None:
             raise NotFound("job", request.job_id)
         return job_pb(row)
 
-    async def WatchJob(
-        self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.JobEvent]:
+    async def WatchJob(self, request: pb.GetJobRequest, context: Context) -> AsyncIterator[pb.JobEvent]:
         row = await self._job(request.job_id)
         yield pb.JobEvent(job=job_pb(row), kind="state", message=row["state"])
         last = 0
@@ -245,17 +245,15 @@ class TrainerServicer(pb_grpc.TrainerServicer):
             await asyncio.sleep(WATCH_POLL_S)
 
     # ---- adapters ---------------------------------------------------------------------
-    async def ListAdapters(
-        self, request: pb.ListAdaptersRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ListAdaptersResponse:
+    async def ListAdapters(self, request: pb.ListAdaptersRequest, context: Context) -> pb.ListAdaptersResponse:
         return await self.db.call(
             lambda c: pb.ListAdaptersResponse(adapters=[adapter_pb(c, r) for r in registry.rows(c, request.name)])
         )
 
-    async def GetAdapter(self, request: pb.GetAdapterRequest, context: grpc.aio.ServicerContext) -> pb.Adapter:
+    async def GetAdapter(self, request: pb.GetAdapterRequest, context: Context) -> pb.Adapter:
         return await self.db.call(lambda c: adapter_pb(c, registry.resolve(c, request.ref)))
 
-    async def PromoteAdapter(self, request: pb.PromoteAdapterRequest, context: grpc.aio.ServicerContext) -> pb.Adapter:
+    async def PromoteAdapter(self, request: pb.PromoteAdapterRequest, context: Context) -> pb.Adapter:
         served = await asyncio.to_thread(registry.model_fingerprint, self.cfg.llm_path)
 
         def promote(c: sqlite3.Connection) -> pb.Adapter:
@@ -264,16 +262,14 @@ class TrainerServicer(pb_grpc.TrainerServicer):
 
         return await self.db.call(promote)
 
-    async def RollbackAdapter(
-        self, request: pb.RollbackAdapterRequest, context: grpc.aio.ServicerContext
-    ) -> pb.Adapter:
+    async def RollbackAdapter(self, request: pb.RollbackAdapterRequest, context: Context) -> pb.Adapter:
         def rollback(c: sqlite3.Connection) -> pb.Adapter:
             name, version = registry.rollback(c, self.cfg.adapter_dir, request.name, request.alias)
             return adapter_pb(c, registry.resolve(c, folder(name, version)))
 
         return await self.db.call(rollback)
 
-    async def SetSplit(self, request: pb.SetSplitRequest, context: grpc.aio.ServicerContext) -> pb.Split:
+    async def SetSplit(self, request: pb.SetSplitRequest, context: Context) -> pb.Split:
         served = await asyncio.to_thread(registry.model_fingerprint, self.cfg.llm_path)
         arms = [(a.version, a.weight) for a in request.arms]
         await self.db.call(
@@ -281,8 +277,6 @@ class TrainerServicer(pb_grpc.TrainerServicer):
         )
         return pb.Split(name=request.name, alias=request.alias or DEFAULT_ALIAS, arms=request.arms)
 
-    async def DeleteAdapter(
-        self, request: pb.DeleteAdapterRequest, context: grpc.aio.ServicerContext
-    ) -> pb.DeleteAdapterResponse:
+    async def DeleteAdapter(self, request: pb.DeleteAdapterRequest, context: Context) -> pb.DeleteAdapterResponse:
         deleted = await self.db.call(lambda c: registry.delete(c, self.cfg.adapter_dir, request.ref))
         return pb.DeleteAdapterResponse(deleted=deleted)

@@ -111,7 +111,16 @@ def update_job(conn: sqlite3.Connection, job_id: str, event: tuple[str, str] | N
 
 
 def job_row(conn: sqlite3.Connection, job_id: str) -> sqlite3.Row | None:
-    return conn.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+    row: sqlite3.Row | None = conn.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+    return row
+
+
+def known_job_row(conn: sqlite3.Connection, job_id: str) -> sqlite3.Row:
+    """The row of a job the caller knows exists (the runner's and the worker's own job)."""
+    row = job_row(conn, job_id)
+    if row is None:
+        raise LookupError(f"no job {job_id}")
+    return row
 
 
 # ---- datasets ----------------------------------------------------------------------------

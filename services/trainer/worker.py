@@ -56,19 +56,19 @@ def load_base(path: str, *, qlora: bool) -> Any:
     from transformers import AutoModelForCausalLM
 
     if not qlora:
-        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+        model: Any = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
         return model.to("cuda") if torch.cuda.is_available() else model
     from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
 
-    quant = BitsAndBytesConfig(
+    quant = BitsAndBytesConfig(  # type: ignore[no-untyped-call]  # unannotated in transformers
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
     )
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, device_map={"": 0})
-    return prepare_model_for_kbit_training(model)
+    return prepare_model_for_kbit_training(model)  # type: ignore[no-untyped-call]  # unannotated in peft
 
 
 class Interrupted(Exception):
@@ -99,7 +99,9 @@ class Job:
         return bool(row["cancel_requested"])
 
 
-def _save_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, step: int, losses: list) -> None:
+def _save_checkpoint(
+    path: Path, model: Any, optimizer: Any, scheduler: Any, step: int, losses: list[list[float]]
+) -> None:
     import torch
 
     tmp = path.with_name(path.name + ".tmp")
@@ -174,7 +176,7 @@ def train(cfg: Any, job: Job) -> None:
     total = per_epoch * p["epochs"]
     if p["max_steps"]:
         total = min(total, p["max_steps"])
-    scheduler = get_linear_schedule_with_warmup(optimizer, min(10, total // 10), total)
+    scheduler = get_linear_schedule_with_warmup(optimizer, min(10, total // 10), total)  # type: ignore[no-untyped-call]  # unannotated in transformers
     step, losses = 0, []
     if resumed:
         state = torch.load(checkpoint / "state.pt", weights_only=False)

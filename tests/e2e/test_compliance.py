@@ -9,8 +9,8 @@ from typing import Any
 
 from typer.testing import CliRunner
 
-from llmesh import compliance
 from llmesh.cli import app
+from llmesh.compliance.audit_log import audit_log
 from llmesh.pb.security.v1 import security_pb2 as spb
 from tests.conftest import Mesh
 
@@ -32,7 +32,7 @@ def test_audit_chain_is_verified_live(mesh: Mesh) -> None:
     assert before["status"] == "pass"
     n = int(before["evidence"][0].rsplit(" over ", 1)[1].split()[0])
     mesh.security().AppendAudit(spb.AppendAuditRequest(actor="compliance-test", action="probe"), timeout=10)
-    after = compliance.audit_log(mesh.cfg)
+    after = audit_log(mesh.cfg)
     assert after.status == "pass"
     sec = f"127.0.0.1:{mesh.cfg.security.server.port}"
     assert after.evidence[0].startswith(f"VerifyAuditChain at {sec}: ok, hash chain intact over ")

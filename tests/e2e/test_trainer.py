@@ -4,18 +4,20 @@ a worker killed mid-job resumes from its checkpoint."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 import psutil
 import pytest
 
 from llmesh.client import ApiKey, gateway_channel, local_channel, sampling
-from llmesh.demo.job import FAQ_RANK, FAQ_TRAINING
+from llmesh.demo.job import FAQ_RANK
 from llmesh.demo.models import faq_pairs
 from llmesh.pb.inference.v1 import inference_pb2 as ipb
 from llmesh.pb.inference.v1 import inference_pb2_grpc as igrpc
@@ -25,7 +27,16 @@ from llmesh.pb.trainer.v1 import trainer_pb2_grpc as pb_grpc
 from tests.conftest import Mesh
 
 FAQ = json.dumps(faq_pairs(), ensure_ascii=False).encode()
-FAQ_JOB = dict(lora=pb.LoraConfig(rank=FAQ_RANK), **FAQ_TRAINING)  # what the demo trains with
+# What the demo trains with (llmesh.demo.job).
+FAQ_JOB = pb.CreateJobRequest(
+    lora=pb.LoraConfig(rank=FAQ_RANK), epochs=60, learning_rate=3e-3, batch_size=4, max_length=192, seed=1
+)
+
+
+def job_request(template: pb.CreateJobRequest, dataset_id: str, adapter_name: str) -> pb.CreateJobRequest:
+    request = pb.CreateJobRequest(dataset_id=dataset_id, adapter_name=adapter_name)
+    request.MergeFrom(template)
+    return request
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +55,11 @@ def trainer(channel: grpc.Channel) -> pb_grpc.TrainerStub:
     return pb_grpc.TrainerStub(channel)
 
 
-def upload(trainer: pb_grpc.TrainerStub, data: bytes, name: str, **header: object) -> pb.Dataset:
-    parts = [pb.UploadDatasetRequest(header=pb.DatasetHeader(name=name, **header))]
+def upload(
+    trainer: pb_grpc.TrainerStub, data: bytes, name: str, *, eval_fraction: float = 0, seed: int = 0, sha256: str = ""
+) -> pb.Dataset:
+    header = pb.DatasetHeader(name=name, eval_fraction=eval_fraction, seed=seed, sha256=sha256)
+    parts = [pb.UploadDatasetRequest(header=header)]
     parts += [pb.UploadDatasetRequest(data=data[i : i + 4096]) for i in range(0, len(data), 4096)]
     return trainer.UploadDataset(iter(parts), timeout=60)
 
@@ -59,7 +73,7 @@ def wait(trainer: pb_grpc.TrainerStub, job_id: str, timeout_s: float = 240) -> t
     return job, kinds
 
 
-def code_of(call) -> tuple[grpc.StatusCode, str]:  # type: ignore[no-untyped-def]
+def code_of(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
     try:
         call()
     except grpc.RpcError as e:
@@ -75,9 +89,7 @@ def test_train_evaluate_publish_and_serve_through_the_gateway(
     assert (
         upload(trainer, FAQ, "again.json", eval_fraction=0.1, seed=3).dataset_id == ds.dataset_id
     )  # content-addressed
-    job = trainer.CreateJob(
-        pb.CreateJobRequest(dataset_id=ds.dataset_id, adapter_name="helpdesk", **FAQ_JOB), timeout=30
-    )
+    job = trainer.CreateJob(job_request(FAQ_JOB, ds.dataset_id, "helpdesk"), timeout=30)
     job, kinds = wait(trainer, job.job_id)
     assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
     assert job.adapter == "helpdesk@v1" and "progress" in kinds and "evaluated" in kinds
@@ -140,7 +152,7 @@ def test_a_restarted_triton_serves_the_published_adapter(mesh: Mesh, channel: gr
     assert reply.reply.content.strip() == pair["answer"]
 
 
-def test_cli_train_list_show_and_export(mesh: Mesh, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_cli_train_list_show_and_export(mesh: Mesh, tmp_path: Path) -> None:
     import subprocess
     import sys
 
@@ -213,7 +225,8 @@ def test_bad_datasets_are_refused_with_row_numbers(mesh: Mesh, trainer: pb_grpc.
         b'[{"question": "q"}]': "row 1",
     }
     for data, expect in cases.items():
-        code, details = code_of(lambda: upload(trainer, data, "bad.jsonl" if data.startswith(b"{") else "bad.json"))
+        name = "bad.jsonl" if data.startswith(b"{") else "bad.json"
+        code, details = code_of(functools.partial(upload, trainer, data, name))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and expect in details, (data, details)
     big = b'{"instruction": "q", "output": "a"}\n' * (mesh.cfg.trainer.max_dataset_bytes // 30)
     code, details = code_of(lambda: upload(trainer, big, "big.jsonl"))
@@ -226,7 +239,7 @@ def test_bad_datasets_are_refused_with_row_numbers(mesh: Mesh, trainer: pb_grpc.
     imported = trainer.ImportDataset(pb.ImportDatasetRequest(path="pairs.tsv"), timeout=10)
     assert imported.train_examples + imported.eval_examples == 2 and imported.format == pb.DATASET_FORMAT_TSV_QA
     for path in ("../../etc/passwd", "/etc/passwd"):
-        code, _ = code_of(lambda: trainer.ImportDataset(pb.ImportDatasetRequest(path=path), timeout=10))
+        code, _ = code_of(functools.partial(trainer.ImportDataset, pb.ImportDatasetRequest(path=path), timeout=10))
         assert code == grpc.StatusCode.PERMISSION_DENIED, path
     code, _ = code_of(lambda: trainer.CreateJob(pb.CreateJobRequest(dataset_id="nope", adapter_name="x"), timeout=10))
     assert code == grpc.StatusCode.NOT_FOUND
@@ -277,9 +290,9 @@ def test_a_killed_worker_resumes_from_its_checkpoint(mesh: Mesh, trainer: pb_grp
 
 def test_cancel_a_running_and_a_queued_job(mesh: Mesh, trainer: pb_grpc.TrainerStub) -> None:
     ds = upload(trainer, FAQ, "faq.json", eval_fraction=0.1, seed=3)
-    long = dict(dataset_id=ds.dataset_id, epochs=500, batch_size=2, lora=pb.LoraConfig(rank=4))
-    running = trainer.CreateJob(pb.CreateJobRequest(adapter_name="cancel-me", **long), timeout=30)
-    queued = trainer.CreateJob(pb.CreateJobRequest(adapter_name="cancel-me-too", **long), timeout=30)
+    long = pb.CreateJobRequest(epochs=500, batch_size=2, lora=pb.LoraConfig(rank=4))
+    running = trainer.CreateJob(job_request(long, ds.dataset_id, "cancel-me"), timeout=30)
+    queued = trainer.CreateJob(job_request(long, ds.dataset_id, "cancel-me-too"), timeout=30)
     deadline = time.monotonic() + 120
     while trainer.GetJob(pb.GetJobRequest(job_id=running.job_id), timeout=10).progress.step == 0:
         assert time.monotonic() < deadline, "job did not start"

@@ -40,7 +40,7 @@ def intake(db: Database, tmp_path: Path, languages: tuple[str, str] = ("中文",
 # ---- upload limits ---------------------------------------------------------------------
 def test_upload_buffer_keeps_chunks_up_to_the_limit() -> None:
     buf = UploadBuffer(10)
-    assert not buf.started
+    assert buf.size == 0 and buf.data() == b""
     buf.add(b"12345")
     buf.add(b"67890")
     assert buf.started and buf.data() == b"1234567890"
@@ -177,10 +177,11 @@ def test_jobs_queue_cancel_and_events(db: Database, tmp_path: Path) -> None:
     assert [r["job_id"] for r in db.call_sync(lambda c: store.recent_jobs(c, 1))] == ["job_2"]
     cancelled = db.call_sync(lambda c: store.cancel_job(c, "job_1"))
     assert cancelled is not None and cancelled["state"] == "cancelled" and cancelled["finished_at"]
-    assert db.call_sync(lambda c: store.cancel_job(c, "job_1"))["state"] == "cancelled"  # terminal: unchanged
+    again = db.call_sync(lambda c: store.cancel_job(c, "job_1"))
+    assert again is not None and again["state"] == "cancelled"  # terminal: unchanged
     assert db.call_sync(lambda c: store.cancel_job(c, "job_none")) is None
     events, now = db.call_sync(lambda c: store.events_after(c, "job_1", 0))
-    assert [e["kind"] for e in events] == ["queued", "cancelled"] and now["state"] == "cancelled"
+    assert [e["kind"] for e in events] == ["queued", "cancelled"] and now is not None and now["state"] == "cancelled"
     later, _ = db.call_sync(lambda c: store.events_after(c, "job_1", events[0]["id"]))
     assert [e["kind"] for e in later] == ["cancelled"]
 
@@ -190,4 +191,7 @@ def test_running_job_is_flagged_not_cancelled(db: Database, tmp_path: Path) -> N
     db.call_sync(lambda c: store.create_job(c, "job_1", ds["dataset_id"], params(), "t/a"))
     db.call_sync(lambda c: store.update_job(c, "job_1", state="running"))
     row = db.call_sync(lambda c: store.cancel_job(c, "job_1"))
-    assert (row["state"], row["cancel_requested"]) == ("running", 1)  # the worker stops at its next step
+    assert row is not None and (row["state"], row["cancel_requested"]) == (
+        "running",
+        1,
+    )  # the worker stops at its next step

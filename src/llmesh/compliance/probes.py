@@ -43,7 +43,7 @@ def redis_config(url: str, *params: str) -> dict[str, str]:
     try:
         out: dict[str, str] = {}
         for p in params:
-            out.update(client.config_get(p))
+            out.update({str(k): str(v) for k, v in client.config_get(p).items()})
         return out
     finally:
         client.close()
@@ -53,11 +53,18 @@ def call_without_identity(target: str, method: str) -> grpc.StatusCode:
     """One unary call carrying no metadata at all (an empty request is valid for any
     message type); OK if the service answered it."""
     with grpc.insecure_channel(target, options=_NO_PROXY) as channel:
+        call = channel.unary_unary(method, request_serializer=_raw, response_deserializer=_raw)
         try:
-            channel.unary_unary(method)(b"", timeout=PROBE_TIMEOUT_S)
+            call(b"", timeout=PROBE_TIMEOUT_S)
         except grpc.RpcError as e:
-            return e.code() if isinstance(e, grpc.Call) else grpc.StatusCode.UNKNOWN
+            code = getattr(e, "code", None)  # the error is a grpc.Call; RpcError itself has no code()
+            status: grpc.StatusCode = code() if callable(code) else grpc.StatusCode.UNKNOWN
+            return status
     return grpc.StatusCode.OK
+
+
+def _raw(data: bytes) -> bytes:
+    return data
 
 
 def unauthenticated_probe(label: str, target: str, method: str) -> Finding:
