@@ -1,8 +1,4 @@
-"""Wiring for ``python -m llmesh.services.security``.
-
-State lives in ``LLMESH_HOME/security/``: ``security.db`` (SQLite, WAL) and
-``master.key`` (created 0600 on first start; back it up with the database).
-"""
+"""Wiring for ``python -m llmesh.services.security`` (state and peers: see the package docstring)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,4 @@
-"""Wiring for ``python -m llmesh.services.trainer``. State lives in
-``LLMESH_HOME/trainer/``: ``trainer.db`` (SQLite, WAL), ``datasets/<id>/``,
-``jobs/<id>/`` (worker log, checkpoint); adapters are published to
-``LLMESH_HOME/adapters/name@vN`` (the store Triton loads from)."""
+"""Wiring for ``python -m llmesh.services.trainer`` (state and peers: see the package docstring)."""
 
 from __future__ import annotations
 
