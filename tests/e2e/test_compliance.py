@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from llmesh.cli import app
 from llmesh.compliance.audit_log import audit_log
 from llmesh.pb.security.v1 import security_pb2 as spb
-from tests.conftest import Mesh
+from tests.support.mesh import Mesh
 
 
 def _report(mesh: Mesh, *extra: str) -> tuple[int, str]:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from llmesh.demo.models import faq_pairs
-from tests.conftest import Mesh
+from tests.support.mesh import Mesh
 
 
 def test_demo_goes_through_the_gateway_and_shows_the_masked_prompt(mesh: Mesh) -> None:

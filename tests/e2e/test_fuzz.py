@@ -31,7 +31,7 @@ from llmesh.pb.inference.v1 import inference_pb2, inference_pb2_grpc
 from llmesh.pb.security.v1 import security_pb2 as spb
 from llmesh.runtime.policy import policy_for
 from llmesh.services.gateway.routes import PUBLIC_SERVICES, service_descriptor
-from tests.conftest import Mesh
+from tests.support.mesh import Mesh
 
 DEADLINE_S = 10.0
 PROMPT_S = 5.0  # a refusal arrives well before the deadline

@@ -18,7 +18,7 @@ from llmesh.pb.inference.v1 import inference_pb2_grpc as pb_grpc
 from llmesh.pb.security.v1 import security_pb2 as spb
 from llmesh.pb.security.v1 import security_pb2_grpc as spb_grpc
 from llmesh.runtime.identity import Principal
-from tests.conftest import Mesh
+from tests.support.mesh import Mesh
 
 GENERATE = "/llmesh.inference.v1.Inference/Generate"
 

@@ -26,8 +26,8 @@ from llmesh.client import ApiKey, describe_error, gateway_channel
 from llmesh.pb.inference.v1 import inference_pb2 as pb
 from llmesh.pb.inference.v1 import inference_pb2_grpc as pb_grpc
 from llmesh.pb.security.v1 import security_pb2 as spb
+from tests.support.mesh import Mesh
 from tests.support.sandbox import RedisServer, free_ports
-from tests.conftest import Mesh
 
 READ_LIMIT = 20  # read calls per principal per minute, on both replicas
 LIST = "/llmesh.inference.v1.Inference/ListTemplates"

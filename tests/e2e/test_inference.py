@@ -12,7 +12,7 @@ import pytest
 from llmesh.client import describe_error, sampling
 from llmesh.pb.common.v1 import types_pb2
 from llmesh.pb.inference.v1 import inference_pb2 as pb
-from tests.conftest import TEST_ADAPTER, Mesh
+from tests.support.mesh import TEST_ADAPTER, Mesh
 
 
 def gen(stub, prompt: str, **kw: object) -> pb.GenerateResponse:  # type: ignore[no-untyped-def]

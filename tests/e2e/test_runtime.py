@@ -22,7 +22,8 @@ from llmesh.pb.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from llmesh.pb.inference.v1 import inference_pb2 as pb
 from llmesh.pb.inference.v1 import inference_pb2_grpc
 from llmesh.pb.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
-from tests.conftest import Mesh, free_ports
+from tests.support.mesh import Mesh
+from tests.support.sandbox import free_ports
 
 SERVICE = "llmesh.inference.v1.Inference"
 # Started, routed and announced like every service; each RPC answers UNIMPLEMENTED for now.

@@ -24,7 +24,7 @@ from llmesh.pb.inference.v1 import inference_pb2_grpc as igrpc
 from llmesh.pb.security.v1 import security_pb2 as spb
 from llmesh.pb.trainer.v1 import trainer_pb2 as pb
 from llmesh.pb.trainer.v1 import trainer_pb2_grpc as pb_grpc
-from tests.conftest import Mesh
+from tests.support.mesh import Mesh
 
 FAQ = json.dumps(faq_pairs(), ensure_ascii=False).encode()
 # What the demo trains with (llmesh.demo.job).

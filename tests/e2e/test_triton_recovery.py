@@ -12,7 +12,7 @@ import grpc
 from llmesh.client import describe_error, local_channel, sampling
 from llmesh.pb.inference.v1 import inference_pb2 as pb
 from llmesh.pb.inference.v1 import inference_pb2_grpc as pb_grpc
-from tests.conftest import Mesh
+from tests.support.mesh import Mesh
 
 
 def test_triton_down_is_unavailable_then_recovers(mesh: Mesh) -> None:
