@@ -1,16 +1,24 @@
-"""The security service's SQLite schema (``LLMESH_HOME/security/security.db``); the
-database handling is the shared ``llmesh.runtime.sqlite``."""
+"""The security service's SQLite schema (``LLMESH_HOME/security/security.db``) as
+ordered migrations; the database handling and the migration runner are the shared
+``llmesh.runtime.sqlite``. A schema change is a new ``Migration`` appended to
+``MIGRATIONS``, never an edit of an earlier one."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from llmesh.runtime.sqlite import Database, connect, transaction
+from llmesh.runtime.sqlite import Database, Migration, connect, transaction
 
-__all__ = ["open_database", "connect", "transaction", "SCHEMA", "SCHEMA_VERSION"]
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "connect", "open_database", "transaction"]
 
-SCHEMA_VERSION = 1
-SCHEMA = """
+# Version 1: the first schema (databases written before user_version was used record
+# it as meta.schema_version = 1; the runner adopts that).
+_V1 = """
+-- Small named values: 'audit_head' = "<sequence>:<hash>" of the chain's last record.
+CREATE TABLE IF NOT EXISTS meta (
+  key TEXT PRIMARY KEY,
+  value TEXT NOT NULL
+);
 -- Data keys wrapped by the master key: nonce(12) || AES-256-GCM(key) || tag(16).
 CREATE TABLE IF NOT EXISTS data_keys (
   version INTEGER PRIMARY KEY,
@@ -56,5 +64,9 @@ CREATE INDEX IF NOT EXISTS audit_time ON audit(time_us);
 """
 
 
+MIGRATIONS: tuple[Migration, ...] = (Migration(1, "keyring, API keys, signing keys, audit chain", _V1),)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
 def open_database(path: Path) -> Database:
-    return Database(path, SCHEMA, SCHEMA_VERSION)
+    return Database(path, MIGRATIONS)

@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llmesh.runtime.sqlite import Database, connect, transaction
+from llmesh.runtime.sqlite import Database, Migration, connect, transaction
 
-SCHEMA_VERSION = 1
-SCHEMA = """
+# Version 1: the first schema. A change is a new Migration appended to MIGRATIONS.
+_V1 = """
 CREATE TABLE IF NOT EXISTS datasets (
   dataset_id TEXT PRIMARY KEY,     -- content hash of the normalized examples
   name TEXT NOT NULL,
@@ -84,8 +84,13 @@ CREATE TABLE IF NOT EXISTS splits (
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
+MIGRATIONS: tuple[Migration, ...] = (Migration(1, "datasets, jobs, events, adapter registry", _V1),)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
 def open_database(path: Path) -> Database:
-    return Database(path, SCHEMA, SCHEMA_VERSION)
+    """Opened (and migrated forward) by the service; the worker only connects."""
+    return Database(path, MIGRATIONS)
 
 
 def worker_connection(path: Path) -> sqlite3.Connection:

@@ -6,6 +6,12 @@ lock; long reads open their own read-only connection (a consistent snapshot) so 
 never hold writers up. Other processes (the trainer's worker) open their own writer
 connections: SQLite serialises them with ``busy_timeout``. All blocking calls from
 async code run in worker threads.
+
+Stored state evolves one way: each store lists its ``Migration``s (version 1 is its
+first schema) and :func:`migrate` brings a database forward at open, recording the
+version in ``PRAGMA user_version``. All pending migrations run in one transaction, so
+a database is at its old version or the new one, never between; a database written by
+a newer version is refused.
 """
 
 from __future__ import annotations
@@ -14,19 +20,14 @@ import asyncio
 import contextlib
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 from llmesh.runtime.errors import Unavailable
 
 T = TypeVar("T")
-META = """
-CREATE TABLE IF NOT EXISTS meta (
-  key TEXT PRIMARY KEY,
-  value TEXT NOT NULL
-);
-"""
 
 
 def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
@@ -53,16 +54,81 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     conn.execute("COMMIT")
 
 
-class Database:
-    """A service's database: ``schema`` (idempotent DDL) applied at open, with a
-    ``meta.schema_version`` that refuses a database written by a newer version."""
+@dataclass(frozen=True)
+class Migration:
+    """One step of a store's schema: ``sql`` (statements, run in order) and/or ``apply``
+    (for rewrites SQL cannot express), taking the database to ``version``."""
 
-    def __init__(self, path: Path, schema: str, schema_version: int) -> None:
+    version: int
+    description: str
+    sql: str = ""
+    apply: Callable[[sqlite3.Connection], None] | None = None
+
+
+def statements(sql: str) -> Iterator[str]:
+    """The statements of a script (``execute`` runs one at a time and, unlike
+    ``executescript``, inside the caller's transaction)."""
+    buf = ""
+    for piece in sql.split(";"):
+        buf += piece + ";"
+        if sqlite3.complete_statement(buf):  # a ";" inside a string or comment is not an end
+            if any(line.strip() and not line.strip().startswith("--") for line in buf[:-1].splitlines()):
+                yield buf
+            buf = ""
+
+
+def _legacy_version(conn: sqlite3.Connection) -> int:
+    """The version a database written before ``user_version`` was used recorded in
+    ``meta.schema_version`` (0 when there is none)."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone() is None:
+        return 0
+    row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    return int(row[0]) if row is not None else 0
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def migrate(conn: sqlite3.Connection, migrations: Sequence[Migration], *, name: str = "database") -> int:
+    """Brings the database on ``conn`` to the last of ``migrations`` (versions 1, 2, …
+    in order) in one transaction and returns that version. Refuses a database whose
+    version is newer than this code's."""
+    versions = [m.version for m in migrations]
+    if versions != list(range(1, len(versions) + 1)):
+        raise ValueError(f"{name}: migrations must be numbered 1..n in order, got {versions}")
+    latest = len(migrations)
+    with transaction(conn):
+        current = schema_version(conn)
+        if current == 0 and (legacy := _legacy_version(conn)):
+            current = legacy  # adopted below; the old marker goes
+            conn.execute("DELETE FROM meta WHERE key = 'schema_version'")
+        if current > latest:
+            raise RuntimeError(
+                f"{name}: schema version {current} is newer than this service knows ({latest}): "
+                "run the release that wrote it, or restore a backup"
+            )
+        for m in migrations[current:]:
+            for stmt in statements(m.sql):
+                conn.execute(stmt)
+            if m.apply is not None:
+                m.apply(conn)
+        conn.execute(f"PRAGMA user_version = {latest:d}")
+    return latest
+
+
+class Database:
+    """A service's database, migrated forward (:func:`migrate`) when it opens."""
+
+    def __init__(self, path: Path, migrations: Sequence[Migration]) -> None:
         self.path = path
-        self.schema = schema
-        self.schema_version = schema_version
+        self.migrations = tuple(migrations)
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
+
+    @property
+    def schema_version(self) -> int:
+        return len(self.migrations)
 
     @property
     def is_open(self) -> bool:
@@ -71,15 +137,11 @@ class Database:
     def open_sync(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = connect(self.path)
-        conn.executescript(META + self.schema)  # idempotent (IF NOT EXISTS)
-        with transaction(conn):
-            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            if row is None:
-                conn.execute("INSERT INTO meta(key, value) VALUES ('schema_version', ?)", (str(self.schema_version),))
-            elif int(row["value"]) > self.schema_version:
-                raise RuntimeError(
-                    f"{self.path}: schema version {row['value']} is newer than this service ({self.schema_version})"
-                )
+        try:
+            migrate(conn, self.migrations, name=str(self.path))
+        except BaseException:
+            conn.close()
+            raise
         self._conn = conn
 
     def close_sync(self) -> None:
