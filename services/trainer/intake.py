@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import sqlite3
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from llmesh.runtime.errors import InvalidArgument
+from llmesh.runtime.files import publish_dir
 from llmesh.runtime.paths import resolve_within
 from llmesh.runtime.sqlite import Database
 from llmesh.services.trainer import datasets, store
@@ -123,6 +123,6 @@ class DatasetIntake:
         (tmp / "train.jsonl").write_bytes(datasets.to_jsonl(train))
         (tmp / "eval.jsonl").write_bytes(datasets.to_jsonl(evals))
         try:
-            os.rename(tmp, target)
+            publish_dir(tmp, target)  # fsynced first: after a crash the folder is complete or absent
         except OSError:  # the same content arrived concurrently
             pass

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import signal
@@ -104,6 +103,8 @@ def _save_checkpoint(
 ) -> None:
     import torch
 
+    from llmesh.runtime.files import publish_dir
+
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp / "adapter")
@@ -118,12 +119,7 @@ def _save_checkpoint(
         },
         tmp / "state.pt",
     )
-    old = path.with_name(path.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
-        os.rename(path, old)
-    os.rename(tmp, path)  # the new checkpoint is complete before the old one goes
-    shutil.rmtree(old, ignore_errors=True)
+    publish_dir(tmp, path, replace=True)  # the new checkpoint is complete (fsynced) before the old one goes
 
 
 def train(cfg: Any, job: Job) -> None:
