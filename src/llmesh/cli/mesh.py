@@ -29,11 +29,12 @@ def up(
 ) -> None:
     """Start Redis, tritonserver and every service on 127.0.0.1, supervised; wait for health."""
     from llmesh.launcher import control
+    from llmesh.launcher.processes import LauncherError
 
     cfg = mesh_config(config)
     try:
         control.up(cfg, config_path=config, timeout=timeout)
-    except control.LauncherError as e:
+    except LauncherError as e:
         fail(str(e))
     control.render_status(control.status(cfg))
 
@@ -62,10 +63,11 @@ def logs(
 ) -> None:
     """Show the logs of the mesh's processes."""
     from llmesh.launcher import control
+    from llmesh.launcher.processes import LauncherError
 
     try:
         control.logs(mesh_config(config), name, lines=lines, follow=follow)
-    except control.LauncherError as e:
+    except LauncherError as e:
         fail(str(e))
 
 

@@ -119,12 +119,14 @@ def adapters_list(
     config: ConfigOpt = None,
 ) -> None:
     """Every adapter version with its aliases and evaluation."""
-    from rich.table import Table
+    from rich.table import Column, Table
 
     from llmesh.pb.trainer.v1 import trainer_pb2 as pb
 
     r = client(config, gateway, api_key_file, local).ListAdapters(pb.ListAdaptersRequest(name=name), timeout=10)
-    table = Table("adapter", "aliases", "ROUGE-L base → adapter", "exact match", "dataset", "created by")
+    # The ref is what the other commands take: never wrapped, so it can be copied whole.
+    adapter = Column("adapter", no_wrap=True, min_width=max((len(a.ref) for a in r.adapters), default=7))
+    table = Table(adapter, "aliases", "ROUGE-L base → adapter", "exact match", "dataset", "created by")
     for a in r.adapters:
         table.add_row(
             a.ref,

@@ -19,7 +19,7 @@ class _Details(grpc.ClientCallDetails):
         self.method, self.timeout, self.credentials = base.method, base.timeout, base.credentials
         self.wait_for_ready = getattr(base, "wait_for_ready", None)
         self.compression = getattr(base, "compression", None)
-        self.metadata = metadata
+        self.metadata = tuple(metadata)
 
 
 def _serialize(message: Any) -> bytes:
@@ -84,7 +84,8 @@ class AioMetadataInterceptor(
         raise NotImplementedError
 
     async def _details(self, details: grpc.aio.ClientCallDetails, body: bytes) -> grpc.aio.ClientCallDetails:
-        method = details.method.decode() if isinstance(details.method, bytes) else str(details.method)
+        raw: str | bytes = details.method  # bytes at run time, whatever the stubs say
+        method = raw.decode() if isinstance(raw, bytes) else raw
         pairs = [*(tuple(details.metadata) if details.metadata else ()), *await self.extra(method, body)]
         return grpc.aio.ClientCallDetails(
             details.method, details.timeout, grpc.aio.Metadata(*pairs), details.credentials, details.wait_for_ready

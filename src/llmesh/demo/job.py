@@ -104,6 +104,7 @@ def demo_key(cfg: MeshConfig) -> ApiKey:
 
 def run_demo(cfg: MeshConfig, config_path: Path | None, timeout: float) -> int:
     from llmesh.launcher import control
+    from llmesh.launcher.processes import LauncherError
 
     if not cfg.triton.llm_path and not (cfg.llm_path / "config.json").is_file():
         from llmesh.demo.models import init_models
@@ -112,7 +113,7 @@ def run_demo(cfg: MeshConfig, config_path: Path | None, timeout: float) -> int:
         init_models(cfg.home)
     try:
         control.up(cfg, config_path=config_path, timeout=timeout)
-    except control.LauncherError as e:
+    except LauncherError as e:
         console.print(f"[red]{e}[/red]")
         return 1
     control.render_status(control.status(cfg))
