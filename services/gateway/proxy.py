@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeAlias
 
 import grpc
 from opentelemetry.propagate import inject
@@ -37,6 +38,12 @@ HOP_BY_HOP = frozenset(
     }
 )
 Metadata = Sequence[tuple[str, str | bytes]]
+Context = grpc.aio.ServicerContext[Any, Any]
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # not subscriptable at run time
+# The upstream calls, by what the proxy does with them.
+UnaryResponse = grpc.aio.UnaryUnaryCall[bytes, bytes] | grpc.aio.StreamUnaryCall[bytes, bytes]
+StreamResponse = grpc.aio.UnaryStreamCall[bytes, bytes] | grpc.aio.StreamStreamCall[bytes, bytes]
+StreamRequest = grpc.aio.StreamUnaryCall[bytes, bytes] | grpc.aio.StreamStreamCall[bytes, bytes]
 Transform = Callable[[bytes], bytes]
 
 
@@ -67,7 +74,7 @@ class Forward:
 
 # Called before forwarding with the first request message (None for an empty client
 # stream); raises domain errors to refuse the call.
-Admit = Callable[[Route, grpc.aio.ServicerContext, bytes | None], Awaitable[Forward]]
+Admit = Callable[[Route, Context, bytes | None], Awaitable[Forward]]
 
 
 def forwardable(metadata: Metadata | None) -> list[tuple[str, str | bytes]]:
@@ -92,9 +99,10 @@ class Upstreams:
             await ch.close()
 
 
-async def _relay_error(context: grpc.aio.ServicerContext, err: grpc.aio.AioRpcError) -> None:
+async def _relay_error(context: Context, err: grpc.aio.AioRpcError) -> None:
     """The upstream's status, message and trailers (rich details included), unchanged."""
-    await context.abort(err.code(), err.details() or "", trailing_metadata=tuple(forwardable(err.trailing_metadata())))
+    trailers = tuple(forwardable(list(err.trailing_metadata() or ())))
+    await context.abort(err.code(), err.details() or "", trailing_metadata=trailers)
 
 
 class ProxyHandler(grpc.GenericRpcHandler):
@@ -106,11 +114,11 @@ class ProxyHandler(grpc.GenericRpcHandler):
         self.admit = admit
         self.default_timeout_s = default_timeout_s
 
-    def _timeout(self, context: grpc.aio.ServicerContext) -> float:
+    def _timeout(self, context: Context) -> float:
         left = context.time_remaining()
         return self.default_timeout_s if left is None else max(0.0, left)
 
-    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
         route = self.routes.get(handler_call_details.method)
         if route is None:
             return None  # UNIMPLEMENTED, as for any unknown method
@@ -123,10 +131,10 @@ class ProxyHandler(grpc.GenericRpcHandler):
             return grpc.stream_unary_rpc_method_handler(self._stream_unary(route, ch))
         return grpc.stream_stream_rpc_method_handler(self._stream_stream(route, ch))
 
-    def _unary_unary(self, route: Route, ch: grpc.aio.Channel):  # type: ignore[no-untyped-def]
-        rpc = ch.unary_unary(route.path)
+    def _unary_unary(self, route: Route, ch: grpc.aio.Channel) -> Callable[[bytes, Context], Awaitable[bytes | None]]:
+        rpc: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = ch.unary_unary(route.path)
 
-        async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes | None:
+        async def handle(request: bytes, context: Context) -> bytes | None:
             fwd = await self.admit(route, context, request)
             await _validated(route, fwd, request)
             call = rpc(fwd.request(request), timeout=self._timeout(context), metadata=_traced(fwd.metadata))
@@ -135,10 +143,10 @@ class ProxyHandler(grpc.GenericRpcHandler):
 
         return handle
 
-    def _unary_stream(self, route: Route, ch: grpc.aio.Channel):  # type: ignore[no-untyped-def]
-        rpc = ch.unary_stream(route.path)
+    def _unary_stream(self, route: Route, ch: grpc.aio.Channel) -> Callable[[bytes, Context], AsyncIterator[bytes]]:
+        rpc: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = ch.unary_stream(route.path)
 
-        async def handle(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        async def handle(request: bytes, context: Context) -> AsyncIterator[bytes]:
             fwd = await self.admit(route, context, request)
             await _validated(route, fwd, request)
             call = rpc(fwd.request(request), timeout=self._timeout(context), metadata=_traced(fwd.metadata))
@@ -148,10 +156,12 @@ class ProxyHandler(grpc.GenericRpcHandler):
 
         return handle
 
-    def _stream_unary(self, route: Route, ch: grpc.aio.Channel):  # type: ignore[no-untyped-def]
-        rpc = ch.stream_unary(route.path)
+    def _stream_unary(
+        self, route: Route, ch: grpc.aio.Channel
+    ) -> Callable[[AsyncIterator[bytes], Context], Awaitable[bytes | None]]:
+        rpc: grpc.aio.StreamUnaryMultiCallable[bytes, bytes] = ch.stream_unary(route.path)
 
-        async def handle(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes | None:
+        async def handle(requests: AsyncIterator[bytes], context: Context) -> bytes | None:
             first, rest = await _peek(requests)
             fwd = await self.admit(route, context, first)
             await _validated(route, fwd, first)
@@ -162,10 +172,12 @@ class ProxyHandler(grpc.GenericRpcHandler):
 
         return handle
 
-    def _stream_stream(self, route: Route, ch: grpc.aio.Channel):  # type: ignore[no-untyped-def]
-        rpc = ch.stream_stream(route.path)
+    def _stream_stream(
+        self, route: Route, ch: grpc.aio.Channel
+    ) -> Callable[[AsyncIterator[bytes], Context], AsyncIterator[bytes]]:
+        rpc: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = ch.stream_stream(route.path)
 
-        async def handle(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        async def handle(requests: AsyncIterator[bytes], context: Context) -> AsyncIterator[bytes]:
             first, rest = await _peek(requests)
             fwd = await self.admit(route, context, first)
             await _validated(route, fwd, first)
@@ -177,8 +189,8 @@ class ProxyHandler(grpc.GenericRpcHandler):
 
         return handle
 
-    async def _relay(  # type: ignore[no-untyped-def]
-        self, call, fwd: Forward, context: grpc.aio.ServicerContext, copy: _Copy | None = None
+    async def _relay(
+        self, call: StreamResponse, fwd: Forward, context: Context, copy: _Copy | None = None
     ) -> AsyncIterator[bytes]:
         last, code = None, grpc.StatusCode.CANCELLED
         try:
@@ -210,7 +222,7 @@ def _traced(metadata: Metadata) -> list[tuple[str, str | bytes]]:
     return [*metadata, *carrier.items()]
 
 
-async def _pass(fwd: Forward, call) -> None:  # type: ignore[no-untyped-def]
+async def _pass(fwd: Forward, call: grpc.aio.Call) -> None:
     if fwd.gate is None:
         return
     try:
@@ -235,9 +247,7 @@ async def _validated(route: Route, fwd: Forward, raw: bytes | None) -> None:
         raise
 
 
-async def _answer(  # type: ignore[no-untyped-def]
-    call, fwd: Forward, context: grpc.aio.ServicerContext, copy: _Copy | None = None
-) -> bytes | None:
+async def _answer(call: UnaryResponse, fwd: Forward, context: Context, copy: _Copy | None = None) -> bytes | None:
     """The single response of a unary-response call, or the upstream's status."""
     try:
         response = await call
@@ -252,7 +262,7 @@ async def _answer(  # type: ignore[no-untyped-def]
         await fwd.done(_failure_code(failure), None)
         raise failure from None
     await fwd.done(grpc.StatusCode.OK, response)
-    context.set_trailing_metadata(tuple(forwardable(await call.trailing_metadata())))
+    context.set_trailing_metadata(tuple(forwardable(list(await call.trailing_metadata()))))
     return fwd.response(response)
 
 
@@ -286,8 +296,8 @@ def _failure_code(failure: BaseException) -> grpc.StatusCode:
 
 
 @contextlib.asynccontextmanager
-async def _pumping(  # type: ignore[no-untyped-def]
-    call, route: Route, first: bytes | None, rest: AsyncIterator[bytes], fn: Transform
+async def _pumping(
+    call: StreamRequest, route: Route, first: bytes | None, rest: AsyncIterator[bytes], fn: Transform
 ) -> AsyncIterator[_Copy]:
     """Copies the client's stream to the upstream call (``fn`` applied) while the body
     runs. An upstream that ends the call early (e.g. an upload over its size limit)

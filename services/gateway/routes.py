@@ -45,7 +45,8 @@ class Route:
 
 def service_descriptor(name: str) -> ServiceDescriptor:
     module = importlib.import_module(PUBLIC_SERVICES[name])
-    return module.DESCRIPTOR.services_by_name[name.rsplit(".", 1)[1]]
+    service: ServiceDescriptor = module.DESCRIPTOR.services_by_name[name.rsplit(".", 1)[1]]
+    return service
 
 
 def build_routes(upstreams: Mapping[str, str]) -> dict[str, Route]:

@@ -111,20 +111,24 @@ def call_raw(channel: grpc.Channel, method: Method, messages: list[bytes], metad
         yield from messages
         ended.wait(DEADLINE_S)
 
-    kw = {"metadata": metadata, "timeout": DEADLINE_S}
+    md, path = tuple(metadata), method.path
     try:
         if d.client_streaming and d.server_streaming:
-            for _ in channel.stream_stream(method.path)(requests(), **kw):
+            bidi: grpc.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(path)
+            for _ in bidi(requests(), metadata=md, timeout=DEADLINE_S):
                 pass
         elif d.client_streaming:
-            channel.stream_unary(method.path)(requests(), **kw)
+            upload: grpc.StreamUnaryMultiCallable[bytes, bytes] = channel.stream_unary(path)
+            upload(requests(), metadata=md, timeout=DEADLINE_S)
         elif d.server_streaming:
-            for _ in channel.unary_stream(method.path)(messages[0], **kw):
+            stream: grpc.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(path)
+            for _ in stream(messages[0], metadata=md, timeout=DEADLINE_S):
                 pass
         else:
-            channel.unary_unary(method.path)(messages[0], **kw)
+            unary: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(path)
+            unary(messages[0], metadata=md, timeout=DEADLINE_S)
     except grpc.RpcError as e:
-        return Outcome(e.code(), e.details() or "", time.monotonic() - started)  # type: ignore[attr-defined]  # a failed sync call is also a grpc.Call
+        return Outcome(e.code(), e.details() or "", time.monotonic() - started)
     finally:
         ended.set()
     return Outcome(grpc.StatusCode.OK, "", time.monotonic() - started)

@@ -45,7 +45,13 @@ emails = st.builds(
 ipv4s = st.builds(lambda a, b, c, d: f"{a}.{b}.{c}.{d}", *(st.integers(1, 254) for _ in range(4)))
 ipv6s = st.integers(2**125, 2**128 - 1).map(lambda n: str(ipaddress.IPv6Address(n)))
 STRATEGIES = {"cn_mobile": mobiles, "cn_id": cn_ids, "bank_card": cards, "email": emails, "ipv4": ipv4s, "ipv6": ipv6s}
-values = st.one_of(*(s.map(lambda v, e=e: (e, v)) for e, s in STRATEGIES.items()))
+
+
+def _tagged(entity: str, strategy: st.SearchStrategy[str]) -> st.SearchStrategy[tuple[str, str]]:
+    return strategy.map(lambda v: (entity, v))
+
+
+values = st.one_of(*(_tagged(e, s) for e, s in STRATEGIES.items()))
 
 
 @st.composite

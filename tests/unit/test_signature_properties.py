@@ -87,7 +87,7 @@ def test_sign_then_verify_round_trips(
 
 @PROPERTY
 @given(signed_calls(), st.data())
-def test_any_byte_of_the_body_changed_is_refused(call, data: st.DataObject) -> None:  # type: ignore[no-untyped-def]
+def test_any_byte_of_the_body_changed_is_refused(call, data: st.DataObject) -> None:
     secret, method, body, md, _ = call
     if body:
         i = data.draw(st.integers(0, len(body) - 1))
@@ -100,7 +100,7 @@ def test_any_byte_of_the_body_changed_is_refused(call, data: st.DataObject) -> N
 
 @PROPERTY
 @given(signed_calls(), st.data())
-def test_any_character_of_the_method_changed_is_refused(call, data: st.DataObject) -> None:  # type: ignore[no-untyped-def]
+def test_any_character_of_the_method_changed_is_refused(call, data: st.DataObject) -> None:
     secret, method, body, md, _ = call
     i = data.draw(st.integers(0, len(method) - 1))
     c = data.draw(st.characters(codec="utf-8").filter(lambda c: c != method[i]))
@@ -109,7 +109,7 @@ def test_any_character_of_the_method_changed_is_refused(call, data: st.DataObjec
 
 @PROPERTY
 @given(signed_calls(), offsets)
-def test_another_timestamp_is_refused(call, offset: float) -> None:  # type: ignore[no-untyped-def]
+def test_another_timestamp_is_refused(call, offset: float) -> None:
     secret, method, body, md, signed = call
     other = str(int(NOW + offset))
     assume(int(other) != signed.timestamp)
@@ -118,7 +118,7 @@ def test_another_timestamp_is_refused(call, offset: float) -> None:  # type: ign
 
 @PROPERTY
 @given(signed_calls(), st.data())
-def test_any_character_of_the_nonce_changed_is_refused(call, data: st.DataObject) -> None:  # type: ignore[no-untyped-def]
+def test_any_character_of_the_nonce_changed_is_refused(call, data: st.DataObject) -> None:
     secret, method, body, md, signed = call
     i = data.draw(st.integers(0, len(signed.nonce) - 1))
     c = data.draw(st.sampled_from(NONCE_CHARS).filter(lambda c: c != signed.nonce[i]))
@@ -127,7 +127,7 @@ def test_any_character_of_the_nonce_changed_is_refused(call, data: st.DataObject
 
 @PROPERTY
 @given(signed_calls(), st.data())
-def test_any_digit_of_the_signature_changed_is_refused(call, data: st.DataObject) -> None:  # type: ignore[no-untyped-def]
+def test_any_digit_of_the_signature_changed_is_refused(call, data: st.DataObject) -> None:
     secret, method, body, md, _ = call
     signature = _value(md, HEADER_SIGNATURE)
     i = data.draw(st.integers(0, len(signature) - 1))
@@ -137,7 +137,7 @@ def test_any_digit_of_the_signature_changed_is_refused(call, data: st.DataObject
 
 @PROPERTY
 @given(signed_calls(), secrets_)
-def test_another_secret_is_refused(call, other: bytes) -> None:  # type: ignore[no-untyped-def]
+def test_another_secret_is_refused(call, other: bytes) -> None:
     secret, method, body, md, _ = call
     assume(other != secret)
     _refused(other, method, body, md)
@@ -145,7 +145,7 @@ def test_another_secret_is_refused(call, other: bytes) -> None:  # type: ignore[
 
 @PROPERTY
 @given(signed_calls(), st.sampled_from(HEADERS))
-def test_a_duplicated_or_missing_header_is_refused(call, header: str) -> None:  # type: ignore[no-untyped-def]
+def test_a_duplicated_or_missing_header_is_refused(call, header: str) -> None:
     secret, method, body, md, _ = call
     (pair,) = [(k, v) for k, v in md if k.lower() == header]
     _refused(secret, method, body, [*md, pair])  # the same header twice is ambiguous

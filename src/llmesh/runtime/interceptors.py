@@ -18,7 +18,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeAlias, cast
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -32,6 +32,8 @@ from llmesh.runtime.logs import request_id_var
 log = logging.getLogger("llmesh.rpc")
 
 REQUEST_ID_KEY = "x-request-id"
+Context = grpc.aio.ServicerContext[Any, Any]
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # not subscriptable at run time
 
 HANDLED = Counter("grpc_server_handled_total", "RPCs completed", ["grpc_method", "grpc_code"])
 LATENCY = Histogram(
@@ -75,7 +77,7 @@ def status_for(exc: BaseException, request_id: str) -> tuple[grpc.StatusCode, st
 class _Call:
     """Per-RPC bookkeeping shared by the four handler shapes."""
 
-    def __init__(self, method: str, context: grpc.aio.ServicerContext) -> None:
+    def __init__(self, method: str, context: Context) -> None:
         self.method = method
         self.context = context
         md = dict(context.invocation_metadata() or ())
@@ -154,7 +156,7 @@ async def _admitted(request_or_iterator: Any, fail: Fail) -> Any:
 
 
 def _wrap_unary(method: str, fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    async def handler(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def handler(request_or_iterator: Any, context: Context) -> Any:
         call = _Call(method, context)
         try:
             response = await fn(await _admitted(request_or_iterator, call.fail), context)
@@ -178,7 +180,7 @@ def _wrap_unary(method: str, fn: Callable[..., Awaitable[Any]]) -> Callable[...,
 
 
 def _wrap_stream(method: str, fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
-    async def handler(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def handler(request_or_iterator: Any, context: Context) -> AsyncIterator[Any]:
         call = _Call(method, context)
         await context.send_initial_metadata(((REQUEST_ID_KEY, call.request_id),))
         try:
@@ -199,12 +201,20 @@ def _wrap_stream(method: str, fn: Callable[..., AsyncIterator[Any]]) -> Callable
     return handler
 
 
-def _guard_only(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+def _behaviour(handler: Handler) -> Callable[..., Any]:
+    """The handler's servicer function, whichever its shape (the stubs type them as
+    sync callables; on an aio server they are coroutine or async generator functions)."""
+    fn = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+    assert fn is not None, "a method handler without a behaviour"
+    return cast(Callable[..., Any], fn)
+
+
+def _guard_only(method: str, handler: Handler) -> Handler:
     """Health and reflection keep their own status handling (health's Watch writes
     with ``context.write``); they only get the malformed-request refusal."""
-    fn = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+    fn = _behaviour(handler)
 
-    async def refuse_or_pass(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def refuse_or_pass(request_or_iterator: Any, context: Context) -> Any:
         async def fail(exc: BaseException) -> None:
             await _Call(method, context).fail(exc)  # request id, log and metrics for a refusal only
 
@@ -212,23 +222,21 @@ def _guard_only(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHa
 
     if inspect.isasyncgenfunction(fn):
 
-        async def streaming(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def streaming(request_or_iterator: Any, context: Context) -> AsyncIterator[Any]:
             async for item in fn(await refuse_or_pass(request_or_iterator, context), context):
                 yield item
 
         behaviour: Callable[..., Any] = streaming
     else:
 
-        async def single(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def single(request_or_iterator: Any, context: Context) -> Any:
             return await fn(await refuse_or_pass(request_or_iterator, context), context)
 
         behaviour = single
     return _rebuild(handler, behaviour, tolerant(handler.request_deserializer))
 
 
-def _rebuild(
-    handler: grpc.RpcMethodHandler, behaviour: Callable[..., Any], deserializer: Callable[[bytes], Any] | None
-) -> grpc.RpcMethodHandler:
+def _rebuild(handler: Handler, behaviour: Callable[..., Any], deserializer: Callable[[bytes], Any] | None) -> Handler:
     kw = {"request_deserializer": deserializer, "response_serializer": handler.response_serializer}
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(behaviour, **kw)
@@ -244,9 +252,9 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler | None:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
@@ -255,5 +263,5 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             return _guard_only(method, handler)
         deserializer = tolerant(handler.request_deserializer)
         if handler.unary_unary or handler.stream_unary:
-            return _rebuild(handler, _wrap_unary(method, handler.unary_unary or handler.stream_unary), deserializer)
-        return _rebuild(handler, _wrap_stream(method, handler.unary_stream or handler.stream_stream), deserializer)
+            return _rebuild(handler, _wrap_unary(method, _behaviour(handler)), deserializer)
+        return _rebuild(handler, _wrap_stream(method, _behaviour(handler)), deserializer)

@@ -56,7 +56,7 @@ class _TraceInterceptor(grpc.aio.ServerInterceptor):
     with ``context.write`` (not a generator), which that interceptor cannot wrap."""
 
     def __init__(self) -> None:
-        self._inner = aio_server_interceptor()
+        self._inner = aio_server_interceptor()  # type: ignore[no-untyped-call]  # opentelemetry-instrumentation-grpc ships no types
 
     async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
         if handler_call_details.method.startswith("/grpc.health."):
