@@ -50,7 +50,7 @@ def channel(mesh: Mesh) -> Iterator[grpc.Channel]:
 
 
 @pytest.fixture(scope="session")
-def stub(channel: grpc.Channel):  # type: ignore[no-untyped-def]
+def stub(channel: grpc.Channel):
     from llmesh.pb.inference.v1 import inference_pb2_grpc
 
     return inference_pb2_grpc.InferenceStub(channel)

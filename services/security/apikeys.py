@@ -170,7 +170,7 @@ class ApiKeys:
     def list_sync(self, conn: sqlite3.Connection, owner: str, tenant: str) -> list[ApiKeyRecord]:
         check_name(owner, "owner", required=False)
         check_name(tenant, "tenant", required=False)
-        q, args = "SELECT * FROM api_keys WHERE 1=1", []
+        q, args = "SELECT * FROM api_keys WHERE 1=1", list[str]()
         if owner:
             q, args = q + " AND owner = ?", [*args, owner]
         if tenant:

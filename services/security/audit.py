@@ -159,7 +159,7 @@ class AuditLog:
     ) -> list[StoredRecord]:
         if limit > MAX_LIMIT:
             raise InvalidArgument("limit", f"at most {MAX_LIMIT}")
-        q, args = "SELECT * FROM audit WHERE sequence > ?", [after_sequence]
+        q, args = "SELECT * FROM audit WHERE sequence > ?", list[object]([after_sequence])
         if actor:
             q, args = q + " AND actor = ?", [*args, actor]
         if action:

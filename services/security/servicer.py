@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -26,6 +27,7 @@ from llmesh.services.security.store import open_database
 from llmesh.services.security.tokens import TokenIssuer
 
 log = logging.getLogger("llmesh.security")
+Context = grpc.aio.ServicerContext[Any, Any]
 
 MAX_PLAINTEXT = 1024 * 1024
 MAX_ASSOCIATED_DATA = 64 * 1024
@@ -132,9 +134,7 @@ class SecurityServicer(pb_grpc.SecurityServicer):
             raise Unavailable("security service is starting", retry_after_s=1.0)
 
     # ---- API keys -----------------------------------------------------------
-    async def CreateApiKey(
-        self, request: pb.CreateApiKeyRequest, context: grpc.aio.ServicerContext
-    ) -> pb.CreateApiKeyResponse:
+    async def CreateApiKey(self, request: pb.CreateApiKeyRequest, context: Context) -> pb.CreateApiKeyResponse:
         self._check_ready()
         rec, secret = await self.db.call(
             lambda c: self.api_keys.create_sync(
@@ -143,49 +143,41 @@ class SecurityServicer(pb_grpc.SecurityServicer):
         )
         return pb.CreateApiKeyResponse(key=key_pb(rec), secret=secret)
 
-    async def ListApiKeys(
-        self, request: pb.ListApiKeysRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ListApiKeysResponse:
+    async def ListApiKeys(self, request: pb.ListApiKeysRequest, context: Context) -> pb.ListApiKeysResponse:
         self._check_ready()
         recs = await self.db.call(lambda c: self.api_keys.list_sync(c, request.owner, request.tenant))
         return pb.ListApiKeysResponse(keys=[key_pb(k) for k in recs])
 
-    async def RevokeApiKey(self, request: pb.RevokeApiKeyRequest, context: grpc.aio.ServicerContext) -> pb.ApiKey:
+    async def RevokeApiKey(self, request: pb.RevokeApiKeyRequest, context: Context) -> pb.ApiKey:
         self._check_ready()
         apikeys_mod.check_key_id(request.key_id)
         return key_pb(await self.db.call(lambda c: self.api_keys.revoke_sync(c, request.key_id)))
 
-    async def RotateApiKey(
-        self, request: pb.RotateApiKeyRequest, context: grpc.aio.ServicerContext
-    ) -> pb.RotateApiKeyResponse:
+    async def RotateApiKey(self, request: pb.RotateApiKeyRequest, context: Context) -> pb.RotateApiKeyResponse:
         self._check_ready()
         apikeys_mod.check_key_id(request.key_id)
         rec, secret = await self.db.call(lambda c: self.api_keys.rotate_sync(c, request.key_id))
         return pb.RotateApiKeyResponse(key=key_pb(rec), secret=secret)
 
-    async def GetApiKeySecret(
-        self, request: pb.GetApiKeySecretRequest, context: grpc.aio.ServicerContext
-    ) -> pb.GetApiKeySecretResponse:
+    async def GetApiKeySecret(self, request: pb.GetApiKeySecretRequest, context: Context) -> pb.GetApiKeySecretResponse:
         self._check_ready()
         rec, secret = await self.db.call(lambda c: self.api_keys.secret_sync(c, request.key_id))
         return pb.GetApiKeySecretResponse(key=key_pb(rec), secret=secret)
 
     # ---- tokens ---------------------------------------------------------------
-    async def IssueToken(
-        self, request: pb.IssueTokenRequest, context: grpc.aio.ServicerContext
-    ) -> pb.IssueTokenResponse:
+    async def IssueToken(self, request: pb.IssueTokenRequest, context: Context) -> pb.IssueTokenResponse:
         self._check_ready()
         rec = await self.db.call(lambda c: self.api_keys.authenticate_sync(c, request.key_id, request.secret))
         scopes = granted_scopes(rec, request.scopes)
         token, exp, kid = await asyncio.to_thread(self.tokens.issue, rec, scopes, request.ttl_seconds)
         return pb.IssueTokenResponse(token=token, expires_at=ts(exp), kid=kid, scopes=scopes)
 
-    async def GetJwks(self, request: pb.GetJwksRequest, context: grpc.aio.ServicerContext) -> pb.GetJwksResponse:
+    async def GetJwks(self, request: pb.GetJwksRequest, context: Context) -> pb.GetJwksResponse:
         self._check_ready()
         return pb.GetJwksResponse(jwks_json=json.dumps(self.tokens.jwks(), separators=(",", ":")))
 
     async def RotateSigningKey(
-        self, request: pb.RotateSigningKeyRequest, context: grpc.aio.ServicerContext
+        self, request: pb.RotateSigningKeyRequest, context: Context
     ) -> pb.RotateSigningKeyResponse:
         self._check_ready()
         tokens_mod.check_algorithm(request.algorithm, self.cfg.signing_algorithm)
@@ -198,14 +190,14 @@ class SecurityServicer(pb_grpc.SecurityServicer):
         )
 
     # ---- encryption ---------------------------------------------------------
-    async def Encrypt(self, request: pb.EncryptRequest, context: grpc.aio.ServicerContext) -> pb.EncryptResponse:
+    async def Encrypt(self, request: pb.EncryptRequest, context: Context) -> pb.EncryptResponse:
         self._check_ready()
         pt = _bytes(request.plaintext, "plaintext", MAX_PLAINTEXT)
         aad = _bytes(request.associated_data, "associated_data", MAX_ASSOCIATED_DATA)
         ct, version = await asyncio.to_thread(self.keyring.encrypt, pt, aad)
         return pb.EncryptResponse(ciphertext=ct, key_version=version)
 
-    async def Decrypt(self, request: pb.DecryptRequest, context: grpc.aio.ServicerContext) -> pb.DecryptResponse:
+    async def Decrypt(self, request: pb.DecryptRequest, context: Context) -> pb.DecryptResponse:
         self._check_ready()
         ct = _ciphertext(request.ciphertext)
         aad = _bytes(request.associated_data, "associated_data", MAX_ASSOCIATED_DATA)
@@ -215,7 +207,7 @@ class SecurityServicer(pb_grpc.SecurityServicer):
             raise InvalidArgument("ciphertext", str(e)) from None
         return pb.DecryptResponse(plaintext=pt, key_version=version)
 
-    async def Rewrap(self, request: pb.RewrapRequest, context: grpc.aio.ServicerContext) -> pb.RewrapResponse:
+    async def Rewrap(self, request: pb.RewrapRequest, context: Context) -> pb.RewrapResponse:
         self._check_ready()
         ct = _ciphertext(request.ciphertext)
         aad = _bytes(request.associated_data, "associated_data", MAX_ASSOCIATED_DATA)
@@ -225,17 +217,13 @@ class SecurityServicer(pb_grpc.SecurityServicer):
             raise InvalidArgument("ciphertext", str(e)) from None
         return pb.RewrapResponse(ciphertext=new_ct, key_version=new, previous_key_version=old)
 
-    async def RotateDataKey(
-        self, request: pb.RotateDataKeyRequest, context: grpc.aio.ServicerContext
-    ) -> pb.RotateDataKeyResponse:
+    async def RotateDataKey(self, request: pb.RotateDataKeyRequest, context: Context) -> pb.RotateDataKeyResponse:
         self._check_ready()
         version, n = await self.db.call(lambda c: self.keyring.rotate_sync(c, [apikeys_mod.STORED, tokens_mod.STORED]))
         return pb.RotateDataKeyResponse(key_version=version, rewrapped=n)
 
     # ---- masking ----------------------------------------------------------------
-    async def GetMaskingRules(
-        self, request: pb.GetMaskingRulesRequest, context: grpc.aio.ServicerContext
-    ) -> pb.MaskingRules:
+    async def GetMaskingRules(self, request: pb.GetMaskingRulesRequest, context: Context) -> pb.MaskingRules:
         return pb.MaskingRules(
             version=pii.VERSION,
             rules=[
@@ -252,22 +240,20 @@ class SecurityServicer(pb_grpc.SecurityServicer):
         )
 
     # ---- audit ------------------------------------------------------------------
-    async def AppendAudit(self, request: pb.AppendAuditRequest, context: grpc.aio.ServicerContext) -> pb.AuditRecord:
+    async def AppendAudit(self, request: pb.AppendAuditRequest, context: Context) -> pb.AuditRecord:
         self._check_ready()
         records = await self.db.call(lambda c: self.audit.append_sync(c, [entry(request)]))
         return record_pb(records[0])
 
     async def AppendAuditBatch(
-        self, request: pb.AppendAuditBatchRequest, context: grpc.aio.ServicerContext
+        self, request: pb.AppendAuditBatchRequest, context: Context
     ) -> pb.AppendAuditBatchResponse:
         self._check_ready()
         entries = [entry(r) for r in request.records]
         records = await self.db.call(lambda c: self.audit.append_sync(c, entries))
         return pb.AppendAuditBatchResponse(records=[record_pb(r) for r in records])
 
-    async def QueryAudit(
-        self, request: pb.QueryAuditRequest, context: grpc.aio.ServicerContext
-    ) -> pb.QueryAuditResponse:
+    async def QueryAudit(self, request: pb.QueryAuditRequest, context: Context) -> pb.QueryAuditResponse:
         self._check_ready()
         since_us = 0
         if request.HasField("since"):
@@ -282,7 +268,7 @@ class SecurityServicer(pb_grpc.SecurityServicer):
         return pb.QueryAuditResponse(records=[record_pb(r) for r in records])
 
     async def VerifyAuditChain(
-        self, request: pb.VerifyAuditChainRequest, context: grpc.aio.ServicerContext
+        self, request: pb.VerifyAuditChainRequest, context: Context
     ) -> pb.VerifyAuditChainResponse:
         self._check_ready()
         v = await self.db.read(self.audit.verify_sync)

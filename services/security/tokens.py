@@ -26,10 +26,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from llmesh.services.security.settings import SecuritySettings
 from llmesh.runtime.errors import InvalidArgument
 from llmesh.services.security.apikeys import ApiKeyRecord
 from llmesh.services.security.keyring import Keyring, StoredCiphertexts
+from llmesh.services.security.settings import SecuritySettings
 from llmesh.services.security.store import transaction
 
 log = logging.getLogger("llmesh.security.tokens")
@@ -62,7 +62,7 @@ def _generate(algorithm: str) -> Any:
 
 def _public_jwk(algorithm: str, private_key: Any) -> dict[str, str]:
     impl = ECAlgorithm if algorithm == "ES256" else RSAAlgorithm
-    jwk: dict[str, str] = impl.to_jwk(private_key.public_key(), as_dict=True)  # type: ignore[attr-defined]
+    jwk: dict[str, str] = impl.to_jwk(private_key.public_key(), as_dict=True)
     required = ("crv", "kty", "x", "y") if algorithm == "ES256" else ("e", "kty", "n")
     thumb = json.dumps({k: jwk[k] for k in required}, sort_keys=True, separators=(",", ":")).encode()
     kid = base64.urlsafe_b64encode(hashlib.sha256(thumb).digest()).rstrip(b"=").decode()
@@ -175,6 +175,7 @@ class TokenIssuer:
             "exp": exp,
         }
         if self.cfg.signing_algorithm == "HS256":
+            assert self._hs256_secret is not None  # required by __init__ for HS256
             return jwt.encode(claims, self._hs256_secret, algorithm="HS256", headers={"typ": "JWT"}), exp, ""
         sk = self.active
         token = jwt.encode(claims, sk.private_key, algorithm=sk.algorithm, headers={"kid": sk.kid, "typ": "JWT"})

@@ -22,6 +22,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from llmesh.adapter_store import ANNOUNCEMENT, DEFAULT_ALIAS, folder
 from llmesh.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -87,9 +88,9 @@ def register(
     base_model: str,
     base_sha: str,
     dataset_id: str,
-    hyperparameters: dict,
-    base_eval: dict,
-    tuned_eval: dict,
+    hyperparameters: dict[str, Any],
+    base_eval: dict[str, Any],
+    tuned_eval: dict[str, Any],
     min_improvement: float,
     created_by: str,
 ) -> int:
@@ -252,7 +253,7 @@ def delete(conn: sqlite3.Connection, store: Path, ref: str) -> bool:
 
 def announce(conn: sqlite3.Connection, store: Path) -> None:
     """Rewrite ``registry.json`` (atomically) from the database."""
-    doc: dict[str, dict] = {}
+    doc: dict[str, dict[str, Any]] = {}
     for row in conn.execute("SELECT name, version FROM adapters ORDER BY name, version"):
         doc.setdefault(row["name"], {"versions": [], "aliases": {}})["versions"].append(row["version"])
     for row in conn.execute("SELECT name, alias, version FROM aliases"):
@@ -271,7 +272,7 @@ def _row(conn: sqlite3.Connection, name: str, version: int, missing_ok: bool = F
     row = conn.execute("SELECT * FROM adapters WHERE name = ? AND version = ?", (name, version)).fetchone()
     if row is None and not missing_ok:
         raise NotFound("adapter", folder(name, version))
-    return row
+    return row  # type: ignore[no-any-return]  # sqlite3's fetchone() is untyped; the row factory makes it a Row
 
 
 def _resolve(conn: sqlite3.Connection, r: Ref) -> tuple[str, int]:

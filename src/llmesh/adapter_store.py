@@ -9,6 +9,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 from llmesh.runtime.errors import NotFound
 
@@ -28,9 +29,9 @@ class Announced:
     def __init__(self, store: Path) -> None:
         self.path = store / ANNOUNCEMENT
         self._stamp: int | None = None
-        self._doc: dict[str, dict] = {}
+        self._doc: dict[str, dict[str, Any]] = {}
 
-    def _load(self) -> dict[str, dict]:
+    def _load(self) -> dict[str, dict[str, Any]]:
         try:
             stamp = self.path.stat().st_mtime_ns
         except FileNotFoundError:

@@ -249,6 +249,8 @@ def test_placeholders_split_across_stream_deltas_are_restored(masker: Masker) ->
         out.append(msg.text_delta)
     assert out[0] == "Sure: " and out[1] == ""  # held back until the placeholder completes
     last = restorer.tail(ipb.GenerateStreamResponse)
-    assert last is not None and last.text_delta == "<PHONE_"  # unfinished at the end: as written
+    assert (
+        isinstance(last, ipb.GenerateStreamResponse) and last.text_delta == "<PHONE_"
+    )  # unfinished at the end: as written
     assert "".join(out) + last.text_delta == "Sure: 13812348000 then a.b@example.com ok <b> 5 < 7 <PHONE_"
     assert restorer.tail(ipb.GenerateStreamResponse) is None

@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import jwt
@@ -40,9 +41,9 @@ from tests.support.sandbox import free_ports
 Code = grpc.StatusCode
 
 
-def mesh_config(home: Path, gateway: dict | None = None, **security: object) -> MeshConfig:
+def mesh_config(home: Path, gateway: dict[str, Any] | None = None, **security: object) -> MeshConfig:
     path = home / "llmesh.yaml"
-    doc: dict = {"home": str(home), "security": {"server": {"port": 0, "metrics_port": 0}, **security}}
+    doc: dict[str, Any] = {"home": str(home), "security": {"server": {"port": 0, "metrics_port": 0}, **security}}
     if gateway:
         doc["gateway"] = gateway
     path.write_text(yaml.safe_dump(doc))
@@ -51,7 +52,7 @@ def mesh_config(home: Path, gateway: dict | None = None, **security: object) -> 
 
 @dataclass
 class Running:
-    stub: pb_grpc.SecurityStub
+    stub: pb_grpc.SecurityAsyncStub
     cfg: MeshConfig
 
     @property
@@ -61,7 +62,7 @@ class Running:
 
 @contextlib.asynccontextmanager
 async def running(
-    home: Path, *, warm: bool = True, gateway: dict | None = None, **security: object
+    home: Path, *, warm: bool = True, gateway: dict[str, Any] | None = None, **security: object
 ) -> AsyncIterator[Running]:
     cfg = mesh_config(home, gateway, **security)
     svc = build(cfg)
@@ -87,7 +88,7 @@ async def sec(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Running
         yield r
 
 
-async def expect(code: grpc.StatusCode, call) -> grpc.aio.AioRpcError:  # type: ignore[no-untyped-def]
+async def expect(code: grpc.StatusCode, call) -> grpc.aio.AioRpcError:
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await call
     assert e.value.code() == code, e.value.details()
@@ -95,15 +96,15 @@ async def expect(code: grpc.StatusCode, call) -> grpc.aio.AioRpcError:  # type: 
 
 
 async def new_key(
-    stub: pb_grpc.SecurityStub,
+    stub: pb_grpc.SecurityAsyncStub,
     owner: str = "alice",
     scopes: tuple[str, ...] = ("inference:generate", "embedding:embed"),
-    **kw: object,
+    **kw: Any,
 ) -> pb.CreateApiKeyResponse:
     return await stub.CreateApiKey(pb.CreateApiKeyRequest(owner=owner, scopes=scopes, roles=["user"], **kw))
 
 
-async def verify(stub: pb_grpc.SecurityStub, token: str, cfg: MeshConfig) -> dict:
+async def verify(stub: pb_grpc.SecurityAsyncStub, token: str, cfg: MeshConfig) -> dict[str, Any]:
     jwks = jwt.PyJWKSet.from_json((await stub.GetJwks(pb.GetJwksRequest())).jwks_json)
     kid = jwt.get_unverified_header(token)["kid"]
     key = next(k for k in jwks.keys if k.key_id == kid)
@@ -352,7 +353,7 @@ async def test_encrypt_decrypt_rotate_rewrap(sec: Running) -> None:
 
 
 # ---- audit --------------------------------------------------------------------------
-async def _append(stub: pb_grpc.SecurityStub, n: int) -> list[pb.AuditRecord]:
+async def _append(stub: pb_grpc.SecurityAsyncStub, n: int) -> list[pb.AuditRecord]:
     out = [
         await stub.AppendAudit(
             pb.AppendAuditRequest(
@@ -567,7 +568,7 @@ async def test_bad_batch_appends_nothing_and_names_the_record(sec: Running) -> N
             )
         ),
     )
-    assert "records[1].action" in err.details()
+    assert "records[1].action" in (err.details() or "")
     assert (await sec.stub.VerifyAuditChain(pb.VerifyAuditChainRequest())).records == before
 
 

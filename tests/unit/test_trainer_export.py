@@ -10,8 +10,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmesh.demo.models import init_models
-from tests.support.sandbox import make_random_adapter
 from llmesh.services.trainer.export import merge
+from tests.support.sandbox import make_random_adapter
 
 
 def test_merged_model_matches_base_plus_adapter(tmp_path: Path) -> None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from llmesh.adapter_store import Announced
 from llmesh.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from llmesh.runtime.sqlite import Database
 from llmesh.services.trainer import registry
 from llmesh.services.trainer.store import open_database
 
@@ -18,7 +20,7 @@ BASE = {"loss": 3.0, "perplexity": 20.0, "rouge_l": 0.1, "exact_match": 0.0, "ex
 
 
 @pytest.fixture
-def env(tmp_path: Path):  # type: ignore[no-untyped-def]
+def env(tmp_path: Path):
     db = open_database(tmp_path / "trainer.db")
     db.open_sync()
     store = tmp_path / "adapters"
@@ -27,14 +29,14 @@ def env(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 def publish(
-    db,
+    db: Database,
     store: Path,
     tmp: Path,
     name: str = "faq",
-    tuned: dict = GOOD,
+    tuned: dict[str, Any] = GOOD,
     min_improvement: float = 0.0,
     base_sha: str = "sha-a",
-) -> int:  # type: ignore[no-untyped-def]
+) -> int:
     staged = tmp / f"staged-{name}"
     staged.mkdir(exist_ok=True)
     (staged / "adapter_config.json").write_text("{}")
@@ -57,7 +59,7 @@ def publish(
     )
 
 
-def test_versions_publish_atomically_and_are_announced(env) -> None:  # type: ignore[no-untyped-def]
+def test_versions_publish_atomically_and_are_announced(env) -> None:
     db, store, tmp = env
     assert publish(db, store, tmp) == 1 and publish(db, store, tmp) == 2
     assert (store / "faq@v1" / "adapter_config.json").is_file() and (store / "faq@v2").is_dir()
@@ -68,7 +70,7 @@ def test_versions_publish_atomically_and_are_announced(env) -> None:  # type: ig
     assert announced.resolve("faq@v1") == "faq@v1" and announced.resolve("test-lora") == "test-lora"
 
 
-def test_promote_rollback_and_delete_rules(env) -> None:  # type: ignore[no-untyped-def]
+def test_promote_rollback_and_delete_rules(env) -> None:
     db, store, tmp = env
     publish(db, store, tmp)
     publish(db, store, tmp)
@@ -92,7 +94,7 @@ def test_promote_rollback_and_delete_rules(env) -> None:  # type: ignore[no-unty
         announced.resolve("faq@canary")
 
 
-def test_promotion_checks_the_base_model_and_the_margin(env) -> None:  # type: ignore[no-untyped-def]
+def test_promotion_checks_the_base_model_and_the_margin(env) -> None:
     db, store, tmp = env
     publish(db, store, tmp, name="other-base", base_sha="sha-b")
     with pytest.raises(FailedPrecondition, match="another base model"):
@@ -116,7 +118,7 @@ def test_model_fingerprint_changes_with_the_weights(tmp_path: Path) -> None:
     assert registry.model_fingerprint(tmp_path) != first
 
 
-def test_ab_split_is_sticky_per_caller_and_follows_the_weights(env) -> None:  # type: ignore[no-untyped-def]
+def test_ab_split_is_sticky_per_caller_and_follows_the_weights(env) -> None:
     db, store, tmp = env
     publish(db, store, tmp)
     publish(db, store, tmp)

@@ -45,7 +45,6 @@ import secrets
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Union
 
 from llmesh.runtime.errors import Unauthenticated
 
@@ -63,7 +62,7 @@ _KEY_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _TIMESTAMP_RE = re.compile(r"[0-9]{1,12}")
 _SIGNATURE_RE = re.compile(r"[0-9a-fA-F]{64}")
 
-MetadataLike = Union[Mapping[str, str | bytes], Iterable[tuple[str, str | bytes]]]
+MetadataLike = Mapping[str, str | bytes] | Iterable[tuple[str, str | bytes]]
 
 
 @dataclass(frozen=True)

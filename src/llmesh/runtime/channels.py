@@ -5,6 +5,7 @@ to carry the caller's deadline to the next hop."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import grpc
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
@@ -49,11 +50,13 @@ def peer_channel(target: str, *, max_message_bytes: int = 16 * 1024 * 1024, trac
     ``traced``: a client span per call (OpenTelemetry); without it the caller
     propagates the trace context itself (the gateway's proxy does)."""
     return grpc.aio.insecure_channel(
-        target, options=channel_options(max_message_bytes), interceptors=aio_client_interceptors() if traced else None
+        target,
+        options=channel_options(max_message_bytes),
+        interceptors=aio_client_interceptors() if traced else None,  # type: ignore[no-untyped-call]  # otel: untyped
     )
 
 
-def remaining_timeout(context: grpc.aio.ServicerContext, default: float) -> float:
+def remaining_timeout(context: grpc.aio.ServicerContext[Any, Any], default: float) -> float:
     """Seconds left of the caller's deadline (or ``default`` when it set none),
     to pass as the timeout of the next hop so deadlines propagate."""
     left = context.time_remaining()

@@ -16,6 +16,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
 import jwt
@@ -23,6 +24,12 @@ import jwt
 from llmesh.runtime import policy
 from llmesh.runtime.errors import PermissionDenied, Unauthenticated
 from llmesh.runtime.files import load_or_create_secret
+
+Context = grpc.aio.ServicerContext[Any, Any]
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+K = TypeVar("K")
+V = TypeVar("V")
 
 IDENTITY_KEY = "x-llmesh-identity"
 ISSUER = "llmesh-gateway"
@@ -104,7 +111,7 @@ class InternalIdentity:
         _remember(self._verified, token, (p, float(c["exp"])), self.CACHE)
         return p
 
-    def principal(self, context: grpc.aio.ServicerContext) -> Principal:
+    def principal(self, context: Context) -> Principal:
         """The caller of the current RPC (the interceptor has already checked it)."""
         return self.verify(str(dict(context.invocation_metadata() or ()).get(IDENTITY_KEY, "")))
 
@@ -122,9 +129,9 @@ class IdentityInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Req, Resp] | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Req, Resp] | None:
         if handler_call_details.method.startswith(self.EXEMPT):
             return await continuation(handler_call_details)
         md = dict(handler_call_details.invocation_metadata or ())
@@ -142,15 +149,15 @@ class IdentityInterceptor(grpc.aio.ServerInterceptor):
         return await continuation(handler_call_details)
 
 
-def _remember(cache: OrderedDict, key: object, value: object, limit: int) -> None:  # type: ignore[type-arg]
+def _remember(cache: OrderedDict[K, V], key: K, value: V, limit: int) -> None:
     cache[key] = value
     cache.move_to_end(key)
     if len(cache) > limit:
         cache.popitem(last=False)
 
 
-def _refuse(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    async def deny(request: object, context: grpc.aio.ServicerContext) -> None:
+def _refuse(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler[Any, Any]:
+    async def deny(request: object, context: Context) -> None:
         await context.abort(code, message)
 
     return grpc.unary_unary_rpc_method_handler(deny)
