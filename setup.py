@@ -16,7 +16,7 @@ from setuptools.command.build_py import build_py
 ROOT = Path(__file__).resolve().parent
 
 
-class BuildWithProtos(build_py):
+class BuildWithProtos(build_py):  # type: ignore[misc]  # setuptools is untyped in the build env
     """build_py that also generates ``llmesh.pb`` into the build folder (not the source tree)."""
 
     def run(self) -> None:

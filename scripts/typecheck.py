@@ -41,7 +41,7 @@ def link_tree() -> dict[str, str]:
 
 def main() -> int:
     back = link_tree()
-    runs = [[]] + [[str(d.relative_to(ROOT))] for d in sorted(ROOT.glob("triton_models/*/1"))]
+    runs: list[list[str]] = [[]] + [[str(d.relative_to(ROOT))] for d in sorted(ROOT.glob("triton_models/*/1"))]
     pattern = re.compile("|".join(re.escape(k) for k in sorted(back, key=len, reverse=True)))
     status = 0
     os.chdir(ROOT)

@@ -78,7 +78,7 @@ def test_reflection_and_health_through_the_gateway(gateway: grpc.Channel) -> Non
 
 def _raw(gateway: grpc.Channel, md: list[tuple[str, str]], request: pb.GenerateRequest) -> grpc.StatusCode:
     try:
-        pb_grpc.InferenceStub(gateway).Generate(request, metadata=md, timeout=30)
+        pb_grpc.InferenceStub(gateway).Generate(request, metadata=tuple(md), timeout=30)
     except grpc.RpcError as e:
         return e.code()
     return grpc.StatusCode.OK

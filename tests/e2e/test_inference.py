@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
 import pytest
@@ -15,12 +16,12 @@ from llmesh.pb.inference.v1 import inference_pb2 as pb
 from tests.support.mesh import TEST_ADAPTER, Mesh
 
 
-def gen(stub, prompt: str, **kw: object) -> pb.GenerateResponse:  # type: ignore[no-untyped-def]
+def gen(stub, prompt: str, **kw: Any) -> pb.GenerateResponse:
     adapter = str(kw.pop("adapter", ""))
     return stub.Generate(pb.GenerateRequest(prompt=prompt, sampling=sampling(**kw), adapter=adapter), timeout=60)
 
 
-def stream_text(stub, request: pb.GenerateRequest) -> tuple[str, pb.GenerateStreamResponse]:  # type: ignore[no-untyped-def]
+def stream_text(stub, request: pb.GenerateRequest) -> tuple[str, pb.GenerateStreamResponse]:
     parts, last = [], None
     for msg in stub.GenerateStream(request, timeout=60):
         parts.append(msg.text_delta)
@@ -29,7 +30,7 @@ def stream_text(stub, request: pb.GenerateRequest) -> tuple[str, pb.GenerateStre
     return "".join(parts), last
 
 
-def test_unary_and_stream_agree_under_a_fixed_seed(stub) -> None:  # type: ignore[no-untyped-def]
+def test_unary_and_stream_agree_under_a_fixed_seed(stub) -> None:
     req = pb.GenerateRequest(prompt="如何重置密码?", sampling=sampling(max_tokens=24, seed=7, temperature=0.8))
     unary = stub.Generate(req, timeout=60)
     streamed, last = stream_text(stub, req)
@@ -44,7 +45,7 @@ def test_unary_and_stream_agree_under_a_fixed_seed(stub) -> None:  # type: ignor
     assert stub.Generate(other, timeout=60).text != unary.text
 
 
-def test_max_tokens_and_stop_sequences(stub) -> None:  # type: ignore[no-untyped-def]
+def test_max_tokens_and_stop_sequences(stub) -> None:
     r = gen(stub, "hello", max_tokens=5, temperature=0.0)
     assert r.usage.completion_tokens <= 5
     full = gen(stub, "the weather", max_tokens=40, temperature=0.0)
@@ -55,7 +56,7 @@ def test_max_tokens_and_stop_sequences(stub) -> None:  # type: ignore[no-untyped
         assert stop not in cut.text and full.text.startswith(cut.text)
 
 
-def test_concurrent_requests_batch_and_mix_adapters(stub) -> None:  # type: ignore[no-untyped-def]
+def test_concurrent_requests_batch_and_mix_adapters(stub) -> None:
     prompts = [(f"question {i}", TEST_ADAPTER if i % 2 else "") for i in range(8)]
     alone = [gen(stub, p, max_tokens=12, temperature=0.0, adapter=a).text for p, a in prompts]
     with ThreadPoolExecutor(8) as pool:
@@ -67,7 +68,7 @@ def test_concurrent_requests_batch_and_mix_adapters(stub) -> None:  # type: igno
     assert base != alone[1], "the adapter must change the output"
 
 
-def test_templates_list_render_and_generate(stub) -> None:  # type: ignore[no-untyped-def]
+def test_templates_list_render_and_generate(stub) -> None:
     names = {t.name: list(t.variables) for t in stub.ListTemplates(pb.ListTemplatesRequest(), timeout=10).templates}
     assert names["translation"] == ["source_lang", "target_lang", "text"]
     variables = {"text": "今天天气很好", "source_lang": "中文", "target_lang": "英文"}
@@ -82,7 +83,7 @@ def test_templates_list_render_and_generate(stub) -> None:  # type: ignore[no-un
     assert r.usage.prompt_tokens == direct.usage.prompt_tokens  # the service rendered exactly that prompt
 
 
-def test_chat_memory_carries_across_calls_and_expires(stub, mesh: Mesh) -> None:  # type: ignore[no-untyped-def]
+def test_chat_memory_carries_across_calls_and_expires(stub, mesh: Mesh) -> None:
     first = stub.Chat(
         pb.ChatRequest(message="我忘记了VPN密码", system_prompt="你是IT助手", sampling=sampling(max_tokens=8)),
         timeout=60,
@@ -120,7 +121,7 @@ def test_chat_memory_carries_across_calls_and_expires(stub, mesh: Mesh) -> None:
     assert again.history_length == 2
 
 
-def test_converse_bidi_keeps_one_conversation(stub) -> None:  # type: ignore[no-untyped-def]
+def test_converse_bidi_keeps_one_conversation(stub) -> None:
     turns = [pb.ChatRequest(message=m, sampling=sampling(max_tokens=6)) for m in ("hi", "how are you", "bye")]
     finals = [m for m in stub.Converse(iter(turns), timeout=60) if m.finish_reason]
     assert [m.history_length for m in finals] == [2, 4, 6]
@@ -134,7 +135,7 @@ def _generated_tokens(mesh: Mesh) -> float:
     return _metric(mesh, "llmesh_llm_generated_tokens_total")
 
 
-def test_cancelling_a_stream_stops_generation(stub, mesh: Mesh) -> None:  # type: ignore[no-untyped-def]
+def test_cancelling_a_stream_stops_generation(stub, mesh: Mesh) -> None:
     before = _generated_tokens(mesh)
     call = stub.GenerateStream(
         pb.GenerateRequest(prompt="tell a long story", sampling=sampling(max_tokens=1000, temperature=1.0, seed=3)),
@@ -159,7 +160,7 @@ def test_cancelling_a_stream_stops_generation(stub, mesh: Mesh) -> None:  # type
     assert gen(stub, "still fine", max_tokens=4).usage.completion_tokens > 0
 
 
-def _code_and_field(fn) -> tuple[grpc.StatusCode, str]:  # type: ignore[no-untyped-def]
+def _code_and_field(fn) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.RpcError) as e:
         fn()
     f = describe_error(e.value)
@@ -203,7 +204,7 @@ BAD_GENERATE = [
 @pytest.mark.parametrize("rpc", ["Generate", "GenerateStream"])
 def test_bad_generate_input_gets_a_clear_status(
     stub, rpc: str, request_: pb.GenerateRequest, code: grpc.StatusCode, field: str
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     call = (
         (lambda: stub.Generate(request_, timeout=30))
         if rpc == "Generate"
@@ -225,7 +226,7 @@ BAD_CHAT = [
 @pytest.mark.parametrize("rpc", ["Chat", "ChatStream", "Converse"])
 def test_bad_chat_input_gets_a_clear_status(
     stub, rpc: str, request_: pb.ChatRequest, code: grpc.StatusCode, field: str
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     calls = {
         "Chat": lambda: stub.Chat(request_, timeout=30),
         "ChatStream": lambda: list(stub.ChatStream(request_, timeout=30)),
@@ -234,7 +235,7 @@ def test_bad_chat_input_gets_a_clear_status(
     assert _code_and_field(calls[rpc]) == (code, field)
 
 
-def test_bad_input_for_the_other_rpcs(stub) -> None:  # type: ignore[no-untyped-def]
+def test_bad_input_for_the_other_rpcs(stub) -> None:
     nf, inv = grpc.StatusCode.NOT_FOUND, INVALID
     assert _code_and_field(
         lambda: stub.GetConversation(pb.GetConversationRequest(conversation_id="never-used"), timeout=10)
@@ -262,7 +263,7 @@ def _metric(mesh: Mesh, prefix: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines() if line.startswith(prefix))
 
 
-def test_the_client_deadline_reaches_triton(stub, mesh: Mesh) -> None:  # type: ignore[no-untyped-def]
+def test_the_client_deadline_reaches_triton(stub, mesh: Mesh) -> None:
     # A seed whose generation runs to max_tokens, and how long that takes unhurried.
     for seed in range(50):
         req = pb.GenerateRequest(prompt="a long answer", sampling=sampling(max_tokens=1000, seed=seed))

@@ -1,3 +1,5 @@
+from typing import Any
+
 import pytest
 
 from llmesh.pb.common.v1 import types_pb2
@@ -6,7 +8,7 @@ from llmesh.services.inference.sampling import Sampling
 from llmesh.services.inference.templates import TemplateLibrary
 
 
-def sampling(**kw: object) -> Sampling:
+def sampling(**kw: Any) -> Sampling:
     return Sampling.from_pb(types_pb2.SamplingParams(**kw), default_max_tokens=128, max_tokens_limit=512)
 
 
@@ -47,7 +49,7 @@ def test_request_values_win_over_template_defaults() -> None:
         ({"seed": 2**63}, "sampling.seed"),
     ],
 )
-def test_out_of_range_names_the_field(kw: dict, field: str) -> None:
+def test_out_of_range_names_the_field(kw: dict[str, Any], field: str) -> None:
     with pytest.raises(InvalidArgument) as e:
         sampling(**kw)
     assert e.value.field == field
