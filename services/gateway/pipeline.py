@@ -2,7 +2,8 @@
 signature (HMAC) → authorize (the method's scope/roles from its proto
 option) → one Redis round trip (nonce claimed: replays refused; requests counted; LLM
 token budget checked for generation) → mask sensitive
-fields → forward with an internal identity → unmask the response → audit."""
+fields → forward with an internal identity → unmask the response → audit (the record is
+in the gateway's durable spool before the response is released; refusals too)."""
 
 from __future__ import annotations
 
@@ -85,9 +86,9 @@ class Pipeline:
         policy = route.policy
         caller: Principal | None = None
 
-        def refused(e: LlmeshError) -> None:  # refused calls are audited too, with the reason
+        def refused(e: LlmeshError) -> Awaitable[None]:  # refused calls are audited too, with the reason
             actor = caller.subject if caller else ("anonymous" if policy.anonymous else "unauthenticated")
-            self._audit(
+            return self._audit(
                 route,
                 actor,
                 caller.tenant if caller else "",
@@ -106,7 +107,7 @@ class Pipeline:
                     nonce = await self._check_signature(route, md, body, caller)
                 authorize(caller, policy.scope, list(policy.roles))
         except LlmeshError as e:
-            refused(e)
+            await refused(e)
             raise
         who = _bucket(caller, context.peer())
         klass = RATE_LIMIT_CLASSES.get(policy.rate_limit_class, "read")
@@ -168,7 +169,7 @@ class Pipeline:
             metadata.append((REQUEST_ID_KEY, rid))  # one request id across the hops
 
         async def done(code: grpc.StatusCode, last: bytes | None) -> None:
-            self._audit(
+            await self._audit(
                 route,
                 internal.subject,
                 internal.tenant,
@@ -195,8 +196,9 @@ class Pipeline:
         started: float,
         digest: str,
         extra: dict[str, str],
-    ) -> None:
-        self.audit.record(
+    ) -> Awaitable[None]:
+        """Spools the call's record; the response waits for the result (durable)."""
+        return self.audit.record(
             security_pb2.AppendAuditRequest(
                 actor=actor,
                 action=route.path,
@@ -220,11 +222,11 @@ class Pipeline:
         return nonce_key(signed.key_id, signed.nonce)
 
 
-async def _audited(check: Awaitable[None], refused: Callable[[LlmeshError], None]) -> None:
+async def _audited(check: Awaitable[None], refused: Callable[[LlmeshError], Awaitable[None]]) -> None:
     try:
         await check
     except LlmeshError as e:
-        refused(e)
+        await refused(e)
         raise
 
 

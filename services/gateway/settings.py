@@ -56,6 +56,11 @@ class GatewaySettings(Section):
     default_timeout_s: float = 120.0
     # Audit records go to the security service in batches at least this often.
     audit_flush_interval_s: float = Field(default=0.5, gt=0)
+    # Every call's audit record is in the local spool (LLMESH_HOME/gateway/audit-spool)
+    # before its response is released, fsynced with those of concurrent calls. false:
+    # written but not fsynced, so a killed gateway still loses nothing but a host crash
+    # may (for measuring what fsync costs, not for production).
+    audit_fsync: bool = True
 
     # Refused here, at start-up, rather than as INTERNAL on every call of a method whose
     # class has no limit.
