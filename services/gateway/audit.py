@@ -375,7 +375,7 @@ class AuditSink:
         fsync: bool = True,
     ) -> None:
         # The records are sent as the bytes the spool holds (a batch is their concatenation).
-        self._append = channel.unary_unary(APPEND_BATCH)
+        self._append: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(APPEND_BATCH)
         self._identity = identity
         self._batch = batch
         self._interval_s = interval_s

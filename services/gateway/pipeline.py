@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
+from google.protobuf.message import Message
 
 from llmesh.auth.signature import key_id_of, nonce_key, nonce_ttl, verify
 from llmesh.pb.common.v1 import types_pb2
@@ -21,13 +22,14 @@ from llmesh.pb.security.v1 import security_pb2, security_pb2_grpc
 from llmesh.runtime.errors import LlmeshError, Unauthenticated
 from llmesh.runtime.identity import IDENTITY_KEY, InternalIdentity
 from llmesh.runtime.identity import Principal as InternalPrincipal
-from llmesh.runtime.interceptors import REQUEST_ID_KEY, request_id_var
+from llmesh.runtime.interceptors import REQUEST_ID_KEY
+from llmesh.runtime.logs import request_id_var
 from llmesh.runtime.policy import authorize
 from llmesh.services.gateway.audit import GATEWAY, AuditSink
 from llmesh.services.gateway.authn import JwtVerifier, Principal
 from llmesh.services.gateway.fields import StreamRestorer, has_pii, mask_message, message_class, restore_message
 from llmesh.services.gateway.masking import Masker, Vault
-from llmesh.services.gateway.proxy import Forward, forwardable
+from llmesh.services.gateway.proxy import Context, Forward, forwardable
 from llmesh.services.gateway.ratelimit import RateLimiter
 from llmesh.services.gateway.routes import Route
 from llmesh.services.gateway.settings import RATE_LIMIT_CLASSES
@@ -80,7 +82,7 @@ class Pipeline:
     skew_s: float
     _debits: set[asyncio.Task[int | None]] = field(default_factory=set)
 
-    async def admit(self, route: Route, context: grpc.aio.ServicerContext, body: bytes | None) -> Forward:
+    async def admit(self, route: Route, context: Context, body: bytes | None) -> Forward:
         started = time.perf_counter()
         digest = hashlib.sha256(body or b"").hexdigest()
         policy = route.policy
@@ -161,7 +163,10 @@ class Pipeline:
             if caller is None
             else InternalPrincipal(caller.subject, caller.tenant, caller.scopes, caller.roles)
         )
-        metadata = [*forwardable(context.invocation_metadata()), (IDENTITY_KEY, self.identity.mint(internal))]
+        metadata = [
+            *forwardable(tuple(context.invocation_metadata() or ())),
+            (IDENTITY_KEY, self.identity.mint(internal)),
+        ]
         metadata = [
             (k, v) for k, v in metadata if (not k.startswith("x-llmesh-") or k == IDENTITY_KEY) and k != REQUEST_ID_KEY
         ]
@@ -213,7 +218,9 @@ class Pipeline:
             )
         )
 
-    async def _check_signature(self, route: Route, md: dict, body: bytes | None, caller: Principal) -> str:
+    async def _check_signature(
+        self, route: Route, md: dict[str, str | bytes], body: bytes | None, caller: Principal
+    ) -> str:
         """Verify the HMAC; returns the Redis key of the nonce, which ``admit`` claims."""
         key_id = key_id_of(md)
         if caller.api_key_id and key_id != caller.api_key_id:
@@ -239,7 +246,7 @@ def _bucket(caller: Principal | None, peer: str) -> str:
     return f"{caller.tenant}/{caller.api_key_id or caller.subject}"
 
 
-def _usage(cls: type, raw: bytes) -> int:
+def _usage(cls: type[Message], raw: bytes) -> int:
     msg = cls.FromString(raw)
     usage = getattr(msg, "usage", None)
     return int(usage.total_tokens) if isinstance(usage, types_pb2.Usage) else 0

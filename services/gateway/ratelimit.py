@@ -59,11 +59,16 @@ import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from redis import exceptions as redis_errors
 
 from llmesh.runtime.errors import ResourceExhausted, Unauthenticated, Unavailable
 from llmesh.services.gateway.settings import RATE_LIMIT_CLASSES
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.commands.core import AsyncScript
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +193,7 @@ class _BackendDown(Exception):
 class RateLimiter:
     def __init__(
         self,
-        redis,  # type: ignore[no-untyped-def]  # redis.asyncio.Redis
+        redis: Redis,
         limits: Mapping[str, Limit],
         *,
         fail_open: Mapping[str, bool] | None = None,
@@ -219,7 +224,7 @@ class RateLimiter:
 
     # ---- backend ----------------------------------------------------------------------
 
-    async def _run(self, script, keys: list[str], args: list[object]) -> list[int]:  # type: ignore[no-untyped-def]
+    async def _run(self, script: AsyncScript, keys: list[str], args: list[str | int | float]) -> list[int]:
         probing = False
         if self._down_until:
             # Marked down: skip Redis until retry_interval_s has passed, then let exactly
@@ -289,7 +294,7 @@ class RateLimiter:
                     window_us,
                     member,
                     nonce_ttl_s if nonce_key else 0,
-                    self.token_capacity if check_tokens else 0,
+                    (self.token_capacity or 0) if check_tokens else 0,
                     (self.tokens_per_minute or 0) / 60.0,
                 ],
             )

@@ -9,7 +9,7 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -64,7 +64,7 @@ def _key(mesh: Mesh, owner: str, scopes: list[str]) -> ApiKey:
     return ApiKey(created.key.key_id, created.secret)
 
 
-def _code(call) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
+def _code(call: Callable[[], object]) -> grpc.StatusCode:
     try:
         call()
     except grpc.RpcError as e:
@@ -107,7 +107,10 @@ def test_redis_stopped_and_restarted_under_the_replicas(
         assert _code(write) == grpc.StatusCode.UNAVAILABLE  # writes fail closed
         # Replay protection still holds on the replica (its own nonce memory).
         body = pb.ListTemplatesRequest().SerializeToString()
-        md = [("authorization", f"Bearer {token}")] + sign(key.secret.encode(), LIST, body, key_id=key.key_id)
+        md: tuple[tuple[str, str | bytes], ...] = (
+            ("authorization", f"Bearer {token}"),
+            *sign(key.secret.encode(), LIST, body, key_id=key.key_id),
+        )
         raw = pb_grpc.InferenceStub(grpc.insecure_channel(replicas[0].address))
         assert (
             _code(lambda: raw.ListTemplates(pb.ListTemplatesRequest(), metadata=md, timeout=20)) == grpc.StatusCode.OK

@@ -16,10 +16,10 @@ import grpc
 import pytest
 
 from llmesh.pb.security.v1 import security_pb2 as spb
-from llmesh.pb.security.v1 import security_pb2_grpc as spb_grpc
 from llmesh.runtime.identity import InternalIdentity
 from llmesh.services.gateway import audit
 from llmesh.services.gateway.audit import AuditSink, Spool, spooled_records
+from llmesh.services.gateway.proxy import Context
 
 
 def _rec(i: int) -> spb.AppendAuditRequest:
@@ -129,14 +129,14 @@ async def test_batch_files_of_the_previous_release_are_adopted(tmp_path: Path) -
     await spool.close()
 
 
-class _Security(spb_grpc.SecurityServicer):
+class _Security:
+    """AppendAuditBatch only, as the security service answers it."""
+
     def __init__(self) -> None:
         self.actors: list[str] = []
         self.down = False
 
-    async def AppendAuditBatch(  # type: ignore[override]
-        self, request: spb.AppendAuditBatchRequest, context: grpc.aio.ServicerContext
-    ) -> spb.AppendAuditBatchResponse:
+    async def append(self, request: spb.AppendAuditBatchRequest, context: Context) -> spb.AppendAuditBatchResponse:
         if self.down:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "down")
         self.actors += [r.actor for r in request.records]
@@ -147,7 +147,14 @@ class _Security(spb_grpc.SecurityServicer):
 async def security() -> AsyncIterator[tuple[_Security, grpc.aio.Channel]]:
     server = grpc.aio.server()
     servicer = _Security()
-    spb_grpc.add_SecurityServicer_to_server(servicer, server)
+    handler = grpc.unary_unary_rpc_method_handler(
+        servicer.append,
+        request_deserializer=spb.AppendAuditBatchRequest.FromString,
+        response_serializer=spb.AppendAuditBatchResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler("llmesh.security.v1.Security", {"AppendAuditBatch": handler})]
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")

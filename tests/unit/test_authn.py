@@ -27,7 +27,7 @@ HS_SECRET = b"h" * 40
 
 
 def _jwk(public_key: Any, kid: str, alg_cls: Any) -> dict[str, Any]:
-    d = alg_cls.to_jwk(public_key, as_dict=True)
+    d: dict[str, Any] = alg_cls.to_jwk(public_key, as_dict=True)
     d.update(kid=kid, use="sig")
     return d
 

@@ -75,7 +75,7 @@ def code_defaults(model: type[BaseModel]) -> dict[str, Any]:
     for name, field in model.model_fields.items():
         if not field.is_required():
             value = field.get_default(call_default_factory=True)
-            out[name] = TypeAdapter(field.annotation).dump_python(value)
+            out[name] = value if field.annotation is None else TypeAdapter(field.annotation).dump_python(value)
         elif isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
             if nested := code_defaults(field.annotation):
                 out[name] = nested
