@@ -16,7 +16,17 @@ from llmesh.client.tokens import refresh_time
 from tests.support.sandbox import write_config
 
 # Unset for every run: the developer's own key or config must not leak into these tests.
-CLEAN_ENV: dict[str, str | None] = dict.fromkeys(("LLMESH_API_KEY_ID", "LLMESH_API_SECRET", "LLMESH_API_KEY_FILE", "LLMESH_GATEWAY", "LLMESH_CONFIG", "LLMESH_HOME", "LLMESH_DEBUG"))
+CLEAN_ENV: dict[str, str | None] = dict.fromkeys(
+    (
+        "LLMESH_API_KEY_ID",
+        "LLMESH_API_SECRET",
+        "LLMESH_API_KEY_FILE",
+        "LLMESH_GATEWAY",
+        "LLMESH_CONFIG",
+        "LLMESH_HOME",
+        "LLMESH_DEBUG",
+    )
+)
 
 
 @pytest.fixture()

@@ -17,8 +17,8 @@ refreshed), ``keys`` (ApiKey from a file or the environment), ``local``, ``error
 """
 
 from llmesh.client.errors import RpcFailure, describe_error, is_unreachable
-from llmesh.client.gateway import AioSigningInterceptor, SigningInterceptor, gateway_aio_channel, gateway_channel
-from llmesh.client.interceptors import AioMetadataInterceptor, MetadataInterceptor
+from llmesh.client.gateway import AioSigning, SigningInterceptor, gateway_aio_channel, gateway_channel
+from llmesh.client.interceptors import AioMetadata, MetadataInterceptor
 from llmesh.client.keys import ApiKey, ApiKeyError, api_key_from_env, read_api_key_file
 from llmesh.client.local import OPERATOR, local_aio_channel, local_channel
 from llmesh.client.sampling import sampling
@@ -26,8 +26,8 @@ from llmesh.client.tokens import AsyncTokenSource, TokenSource, aio_issue_token_
 
 __all__ = [
     "OPERATOR",
-    "AioMetadataInterceptor",
-    "AioSigningInterceptor",
+    "AioMetadata",
+    "AioSigning",
     "ApiKey",
     "ApiKeyError",
     "AsyncTokenSource",

@@ -11,7 +11,7 @@ import grpc
 import grpc.aio
 
 from llmesh.auth.signature import sign
-from llmesh.client.interceptors import AioMetadataInterceptor, Metadata, MetadataInterceptor
+from llmesh.client.interceptors import AioMetadata, Metadata, MetadataInterceptor
 from llmesh.client.keys import ApiKey
 from llmesh.client.tokens import AsyncTokenSource, TokenSource, aio_issue_token_fetcher, issue_token_fetcher
 from llmesh.runtime.channels import channel_options
@@ -34,7 +34,7 @@ class SigningInterceptor(MetadataInterceptor):
         return md + sign(self.key.secret.encode(), method, body, key_id=self.key.key_id)
 
 
-class AioSigningInterceptor(AioMetadataInterceptor):
+class AioSigning(AioMetadata):
     """The aio twin of :class:`SigningInterceptor`. ``IssueToken`` passes through bare:
     the token source fetches on the same channel, with the key's secret in the body."""
 
@@ -66,8 +66,10 @@ def gateway_aio_channel(
     address: str, key: ApiKey, *, scopes: list[str] | None = None, ttl_s: int = 0, refresh_margin_s: float = 30.0
 ) -> grpc.aio.Channel:
     """The aio twin of :func:`gateway_channel`; create it inside the running event loop."""
-    interceptor = AioSigningInterceptor(key, None)
-    channel = grpc.aio.insecure_channel(address, options=channel_options(retries=False), interceptors=[interceptor])
+    signing = AioSigning(key, None)
+    channel = grpc.aio.insecure_channel(
+        address, options=channel_options(retries=False), interceptors=signing.interceptors()
+    )
     fetch = aio_issue_token_fetcher(channel, key, scopes=scopes, ttl_s=ttl_s)
-    interceptor.tokens = AsyncTokenSource(fetch, refresh_margin_s)
+    signing.tokens = AsyncTokenSource(fetch, refresh_margin_s)
     return channel

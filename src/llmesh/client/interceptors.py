@@ -1,6 +1,7 @@
-"""Per-call metadata for every RPC shape, on sync and aio channels alike. Subclasses say
-what to add from the method and the serialized first request; ``needs_body``: a client
-stream's first message is read before the call starts (signatures cover it)."""
+"""Per-call metadata for every RPC shape, on sync (``MetadataInterceptor``) and aio
+(``AioMetadata``) channels. Subclasses say what to add from the method and the serialized
+first request; ``needs_body``: a client stream's first message is read before the call
+starts (signatures cover it)."""
 
 from __future__ import annotations
 
@@ -67,23 +68,22 @@ async def _prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
         yield message
 
 
-class AioMetadataInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
-    """For ``grpc.aio.insecure_channel(..., interceptors=[...])``: subclasses implement the
-    coroutine ``extra`` (it may fetch a token). Client streams need a request iterator
-    (sync or async) when ``needs_body``: a call fed with ``write()`` has no first message
-    to sign before it starts."""
+class AioMetadata:
+    """Per-call metadata for aio channels: subclasses implement the coroutine ``extra`` (it
+    may fetch a token); pass ``interceptors()`` to ``grpc.aio.insecure_channel``. (An aio
+    channel files each interceptor under the first RPC shape it implements, so one object
+    per shape.) Client streams need a request iterator (sync or async) when
+    ``needs_body``: a call fed with ``write()`` has no first message to sign before it starts."""
 
     needs_body = False
 
     async def extra(self, method: str, body: bytes) -> Metadata:
         raise NotImplementedError
 
-    async def _details(self, details: grpc.aio.ClientCallDetails, body: bytes) -> grpc.aio.ClientCallDetails:
+    def interceptors(self) -> list[grpc.aio.ClientInterceptor]:
+        return [_AioUnaryUnary(self), _AioUnaryStream(self), _AioStreamUnary(self), _AioStreamStream(self)]
+
+    async def details(self, details: grpc.aio.ClientCallDetails, body: bytes) -> grpc.aio.ClientCallDetails:
         raw: str | bytes = details.method  # bytes at run time, whatever the stubs say
         method = raw.decode() if isinstance(raw, bytes) else raw
         pairs = [*(tuple(details.metadata) if details.metadata else ()), *await self.extra(method, body)]
@@ -91,16 +91,13 @@ class AioMetadataInterceptor(
             details.method, details.timeout, grpc.aio.Metadata(*pairs), details.credentials, details.wait_for_ready
         )
 
-    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+    async def unary(self, continuation: Any, details: Any, request: Any) -> Any:
         body = _serialize(request) if self.needs_body else b""
-        return await continuation(await self._details(client_call_details, body), request)
+        return await continuation(await self.details(details, body), request)
 
-    async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        return await self.intercept_unary_unary(continuation, client_call_details, request)
-
-    async def intercept_stream_unary(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
+    async def streaming(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
         if not self.needs_body:
-            return await continuation(await self._details(client_call_details, b""), request_iterator)
+            return await continuation(await self.details(details, b""), request_iterator)
         if request_iterator is None:
             raise ValueError("a signed client stream needs a request iterator (its first message is signed)")
         first: Any
@@ -113,7 +110,36 @@ class AioMetadataInterceptor(
             it = iter(request_iterator)
             first = next(it, None)
             rest = it if first is None else itertools.chain([first], it)
-        return await continuation(await self._details(client_call_details, _serialize(first)), rest)
+        return await continuation(await self.details(details, _serialize(first)), rest)
+
+
+class _AioUnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, source: AioMetadata) -> None:
+        self.source = source
+
+    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return await self.source.unary(continuation, client_call_details, request)
+
+
+class _AioUnaryStream(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, source: AioMetadata) -> None:
+        self.source = source
+
+    async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return await self.source.unary(continuation, client_call_details, request)
+
+
+class _AioStreamUnary(grpc.aio.StreamUnaryClientInterceptor):
+    def __init__(self, source: AioMetadata) -> None:
+        self.source = source
+
+    async def intercept_stream_unary(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
+        return await self.source.streaming(continuation, client_call_details, request_iterator)
+
+
+class _AioStreamStream(grpc.aio.StreamStreamClientInterceptor):
+    def __init__(self, source: AioMetadata) -> None:
+        self.source = source
 
     async def intercept_stream_stream(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
-        return await self.intercept_stream_unary(continuation, client_call_details, request_iterator)
+        return await self.source.streaming(continuation, client_call_details, request_iterator)

@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 import grpc.aio
 
-from llmesh.client.interceptors import AioMetadataInterceptor, Metadata, MetadataInterceptor
+from llmesh.client.interceptors import AioMetadata, Metadata, MetadataInterceptor
 from llmesh.runtime.channels import channel_options
 from llmesh.runtime.identity import IDENTITY_KEY, InternalIdentity, Principal, load_secret
 
@@ -27,7 +27,7 @@ class _WithIdentity(MetadataInterceptor):
         return [(IDENTITY_KEY, self.identity.mint(self.principal))]
 
 
-class _AioWithIdentity(AioMetadataInterceptor):
+class _AioWithIdentity(AioMetadata):
     def __init__(self, identity: InternalIdentity, principal: Principal) -> None:
         self.identity, self.principal = identity, principal
 
@@ -48,5 +48,5 @@ def local_aio_channel(
     return grpc.aio.insecure_channel(
         address,
         options=channel_options(retries=retries),
-        interceptors=[_AioWithIdentity(InternalIdentity(load_secret(home)), principal)],
+        interceptors=_AioWithIdentity(InternalIdentity(load_secret(home)), principal).interceptors(),
     )
