@@ -2,22 +2,23 @@
 
 Every call goes through Triton's bidirectional stream API (the model is
 decoupled); a unary generation is one request answered by one final response.
-Triton's errors are mapped here, once, to domain errors.
+Errors are mapped here, once, to domain errors: the model's own (a final response
+with error_code / error_field / error_message outputs, see triton_models/llm/1/
+llm_errors.py) through one table, Triton's (server down, model not ready) by kind.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
 import tritonclient.grpc.aio as triton
 from prometheus_client import Counter, Histogram
-from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.grpc import InferInput, InferRequestedOutput, InferResult
 from tritonclient.utils import InferenceServerException
 
 from llmesh.runtime.channels import channel_options
@@ -51,9 +52,7 @@ def _observe(adapter: str, outcome: str, started: float) -> None:
         ADAPTER_LATENCY.labels(arm).observe(time.perf_counter() - started)
 
 
-OUTPUTS = ("text", "prompt_tokens", "completion_tokens", "finish_reason")
-# The model prefixes its errors with the status it means ("NOT_FOUND: adapter 'x' not found").
-_TAGGED = re.compile(r"(INVALID_ARGUMENT|NOT_FOUND|RESOURCE_EXHAUSTED|UNAVAILABLE):\s*(.*)", re.S)
+OUTPUTS = ("text", "prompt_tokens", "completion_tokens", "finish_reason", "error_code", "error_field", "error_message")
 # Reconnect quickly after Triton restarts instead of gRPC's default backoff (up to 120 s).
 _RECONNECT = [
     ("grpc.initial_reconnect_backoff_ms", 100),
@@ -123,6 +122,47 @@ API_FIELDS = {
 }
 
 
+@dataclass(frozen=True)
+class ModelError:
+    """What the model's error outputs say: a code, the model input at fault ("" if none), why."""
+
+    code: str
+    field: str
+    message: str
+
+
+def _string_output(result: InferResult, name: str) -> str | None:
+    arr = result.as_numpy(name)
+    return None if arr is None else str(arr.reshape(-1)[0].decode("utf-8"))
+
+
+def model_error_of(result: InferResult) -> ModelError | None:
+    """The error a response carries, None for a generation chunk."""
+    code = _string_output(result, "error_code")
+    if not code:
+        return None
+    return ModelError(code, _string_output(result, "error_field") or "", _string_output(result, "error_message") or "")
+
+
+# The model's error codes → domain errors. NOT_FOUND names the input whose value is missing
+# (only ever "adapter"): the service reports the name it sent.
+_MODEL_ERRORS: dict[str, Callable[[ModelError, GenerationInput], LlmeshError]] = {
+    "INVALID_ARGUMENT": lambda e, inp: InvalidArgument(API_FIELDS.get(e.field, e.field), e.message),
+    "NOT_FOUND": lambda e, inp: NotFound(e.field or "adapter", inp.adapter),
+    "RESOURCE_EXHAUSTED": lambda e, inp: ResourceExhausted(e.message, retry_after_s=1.0),
+    "UNAVAILABLE": lambda e, inp: Unavailable(e.message, retry_after_s=1.0),
+    "INTERNAL": lambda e, inp: Unavailable(f"llm model error: {e.message}", retry_after_s=1.0),
+}
+
+
+def model_error(err: ModelError, inp: GenerationInput) -> LlmeshError:
+    """A model-reported error → domain error (a code this table does not know is UNAVAILABLE)."""
+    make = _MODEL_ERRORS.get(err.code)
+    if make is None:
+        return Unavailable(f"llm model error ({err.code}): {err.message}", retry_after_s=1.0)
+    return make(err, inp)
+
+
 def map_error(exc: BaseException) -> LlmeshError:
     """Triton/gRPC failure → domain error (never INTERNAL for a peer being down)."""
     if isinstance(exc, grpc.aio.AioRpcError):
@@ -133,19 +173,6 @@ def map_error(exc: BaseException) -> LlmeshError:
             return Cancelled("generation cancelled")
         return Unavailable(f"triton unavailable: {code.name}: {exc.details()}", retry_after_s=1.0)
     msg = str(exc.message() if isinstance(exc, InferenceServerException) else exc) or repr(exc)
-    m = _TAGGED.search(msg)
-    if m:
-        kind, detail = m.groups()
-        if kind == "NOT_FOUND":
-            name = re.search(r"'([^']*)'", detail)
-            return NotFound("adapter", name.group(1) if name else detail)
-        if kind == "INVALID_ARGUMENT":
-            field, _, why = detail.partition(":")
-            field = field.strip()
-            return InvalidArgument(API_FIELDS.get(field, field), why.strip() or detail)
-        if kind == "RESOURCE_EXHAUSTED":
-            return ResourceExhausted(detail, retry_after_s=1.0)
-        return Unavailable(detail)
     if "unknown model" in msg or "not ready" in msg or "not found" in msg:
         return Unavailable(f"model not available: {msg}", retry_after_s=2.0)
     return Unavailable(f"triton error: {msg}", retry_after_s=1.0)
@@ -174,7 +201,7 @@ class LlmBackend:
 
     async def stream(self, inp: GenerationInput, *, timeout: float, stream: bool = True) -> AsyncIterator[Chunk]:
         """Chunks from Triton; cancelling the consumer cancels the Triton request."""
-        request = {
+        request: dict[str, object] = {
             "model_name": self.model,
             "inputs": build_inputs(inp, stream),
             "outputs": [InferRequestedOutput(n) for n in OUTPUTS],
@@ -189,6 +216,9 @@ class LlmBackend:
             async for result, error in responses:
                 if error is not None:
                     raise map_error(error)
+                failed = model_error_of(result)
+                if failed is not None:  # the model refused or failed this request
+                    raise model_error(failed, inp)
                 if result.as_numpy("text") is None:  # a flags-only final response
                     break
                 chunk = Chunk(

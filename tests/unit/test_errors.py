@@ -4,7 +4,8 @@ from tritonclient.utils import InferenceServerException
 
 from llmesh.runtime import errors
 from llmesh.runtime.interceptors import status_for
-from llmesh.services.inference.llm_backend import map_error
+from llmesh.services.inference.llm_backend import GenerationInput, ModelError, map_error, model_error
+from llmesh.services.inference.sampling import Sampling
 
 
 def _details(trailers: tuple) -> status_pb2.Status:
@@ -35,22 +36,26 @@ def test_unexpected_exception_is_internal_without_leaking() -> None:
     assert code == grpc.StatusCode.INTERNAL and "secret" not in msg and "rid" in msg
 
 
-def test_triton_tagged_errors_map_to_domain_errors() -> None:
-    e = map_error(InferenceServerException("NOT_FOUND: adapter 'faq' not found"))
-    assert isinstance(e, errors.NotFound) and e.name == "faq"
-    e = map_error(
-        InferenceServerException(
-            "INVALID_ARGUMENT: max_tokens: prompt tokens (7) + max_tokens (2000) exceeds the context of 1024"
-        )
-    )
-    assert isinstance(e, errors.InvalidArgument) and e.field == "sampling.max_tokens"
+def test_model_error_outputs_map_to_domain_errors() -> None:
+    inp = GenerationInput(sampling=Sampling(), prompt="x", adapter="faq")
+    e = model_error(ModelError("NOT_FOUND", "adapter", "adapter 'faq' not found"), inp)
+    assert isinstance(e, errors.NotFound) and e.kind == "adapter" and e.name == "faq"
+    why = "prompt tokens (7) + max_tokens (2000) exceeds the context of 1024"
+    e = model_error(ModelError("INVALID_ARGUMENT", "max_tokens", why), inp)
+    assert isinstance(e, errors.InvalidArgument) and e.field == "sampling.max_tokens" and e.description == why
+    e = model_error(ModelError("INTERNAL", "", "boom"), inp)
+    assert isinstance(e, errors.Unavailable) and "boom" in e.message
+    assert isinstance(model_error(ModelError("NEW_CODE", "", "?"), inp), errors.Unavailable)
+    # errors Triton itself raises are not the model's: the model is not there
     assert isinstance(
         map_error(InferenceServerException("Request for unknown model: 'llm' is not found")), errors.Unavailable
     )
 
 
 def test_a_full_model_queue_is_resource_exhausted_with_retry() -> None:
-    e = map_error(InferenceServerException("RESOURCE_EXHAUSTED: llm queue is full (256 waiting)"))
+    e = model_error(
+        ModelError("RESOURCE_EXHAUSTED", "", "llm queue is full (256 waiting)"), GenerationInput(Sampling())
+    )
     assert isinstance(e, errors.ResourceExhausted) and e.retry_after_s > 0
 
 

@@ -6,15 +6,22 @@ Nothing here needs tritonserver; the whole module runs in a few seconds on CPU.
 from __future__ import annotations
 
 import hashlib
+import importlib.machinery
 import pathlib
+import sys
 
 import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from llmesh.demo.models import init_models  # noqa: E402
-from llmesh.demo.models import build_llm, faq_pairs, is_complete  # noqa: E402
+from llmesh.demo.models import (  # noqa: E402
+    build_llm,
+    faq_pairs,
+    init_models,
+    is_complete,
+)
+from tests.support.triton_llm import FakeRequest, load_llm, load_module, model_folder, results, run  # noqa: E402
 
 
 def _digests(folder: pathlib.Path) -> dict[str, str]:
@@ -158,165 +165,38 @@ def test_tritonserver_locate_prepare_and_command(tmp_path: pathlib.Path) -> None
 # --------------------------------------------------------------------------- model.py (no server)
 
 
-class _FakeSender:
-    def __init__(self, cancel_after: int | None = None) -> None:
-        import threading
-
-        self.sent: list[tuple[object, int]] = []
-        self.cancel_after = cancel_after
-        self.done = threading.Event()  # set on the FINAL response (sent by the decode thread)
-
-    def send(self, response: object = None, flags: int = 0) -> None:
-        self.sent.append((response, flags))
-        if flags & 1:
-            self.done.set()
-
-
-class _FakeRequest:
-    def __init__(self, inputs: dict[str, object], cancel_after: int | None = None) -> None:
-        self.inputs = inputs
-        self.sender = _FakeSender()
-        self.cancel_after = cancel_after
-        self.polls = 0
-
-    def get_response_sender(self) -> _FakeSender:
-        return self.sender
-
-    def is_cancelled(self) -> bool:
-        self.polls += 1
-        return self.cancel_after is not None and self.polls > self.cancel_after
-
-
-class _FakeMetric:
-    def __init__(self) -> None:
-        self.increments: list[float] = []  # every increment, in order
-
-    def increment(self, v: float) -> None:
-        self.increments.append(v)
-
-
-def _fake_pb_utils():  # type: ignore[no-untyped-def]
-    import types
-
-    import numpy as np
-
-    pb = types.ModuleType("triton_python_backend_utils")
-    pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
-
-    class Tensor:
-        def __init__(self, name: str, arr: np.ndarray) -> None:
-            self.name, self.arr = name, arr
-
-        def as_numpy(self) -> np.ndarray:
-            return self.arr
-
-    class TritonError:
-        NOT_FOUND, INVALID_ARG, INTERNAL, UNAVAILABLE = "NOT_FOUND", "INVALID_ARG", "INTERNAL", "UNAVAILABLE"
-
-        def __init__(self, msg: str, code: str = "INTERNAL") -> None:
-            self.msg, self.code = msg, code
-
-    class InferenceResponse:
-        def __init__(self, output_tensors=None, error=None) -> None:  # type: ignore[no-untyped-def]
-            self.outputs = {t.name: t.arr.reshape(-1)[0] for t in (output_tensors or [])}
-            self.error = error
-
-    class Logger:
-        @staticmethod
-        def log_info(msg: str) -> None: ...
-
-        log_warn = log_error = log_info
-
-    class MetricFamily:
-        COUNTER, GAUGE = "counter", "gauge"
-
-        def __init__(self, name: str, description: str, kind: str) -> None:
-            self.name = name
-
-        def Metric(self, labels: dict[str, str]):  # type: ignore[no-untyped-def]
-            return _FakeMetric()
-
-    def get_input_tensor_by_name(request: _FakeRequest, name: str):  # type: ignore[no-untyped-def]
-        if name not in request.inputs:
-            return None
-        dtypes = {
-            "max_tokens": np.int32,
-            "top_k": np.int32,
-            "seed": np.int64,
-            "stream": np.bool_,
-            "temperature": np.float32,
-            "top_p": np.float32,
-            "repetition_penalty": np.float32,
-        }
-        v = request.inputs[name]
-        arr = np.array([[v.encode() if isinstance(v, str) else v]], dtype=dtypes.get(name, np.object_))
-        return Tensor(name, arr)
-
-    pb.Tensor, pb.TritonError, pb.InferenceResponse, pb.Logger = Tensor, TritonError, InferenceResponse, Logger
-    pb.TritonModelException = RuntimeError
-    pb.MetricFamily = MetricFamily
-    pb.get_input_tensor_by_name = get_input_tensor_by_name
-    return pb
-
-
 @pytest.fixture(scope="module")
-def llm_model(home: pathlib.Path):  # type: ignore[no-untyped-def]
-    import importlib.util
-    import json
+def llm_model(home: pathlib.Path):
     import os
-    import sys
 
-    sys.modules["triton_python_backend_utils"] = _fake_pb_utils()
-    path = pathlib.Path(__file__).resolve().parents[2] / "triton_models" / "llm" / "1" / "model.py"
-    spec = importlib.util.spec_from_file_location("llmesh_triton_llm_model", path)
-    mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
     os.environ["LLMESH_LLM_PATH"] = str(home / "models" / "tiny-qwen2")
     os.environ["LLMESH_HOME"] = str(home)
     params = {
-        k: {"string_value": v}
-        for k, v in {
-            "model_path": "${LLMESH_LLM_PATH}",
-            "adapter_dir": "${LLMESH_HOME}/adapters",
-            "adapter_cache_size": "8",
-            "threads": "2",
-        }.items()
+        "model_path": "${LLMESH_LLM_PATH}",
+        "adapter_dir": "${LLMESH_HOME}/adapters",
+        "adapter_cache_size": "8",
+        "threads": "2",
     }
-    m = mod.TritonPythonModel()
-    m.initialize({"model_config": json.dumps({"parameters": params})})
-    return m
+    _, m = load_llm(params)
+    yield m
+    m.finalize()
 
 
-def _run(model, *inputs: dict[str, object], cancel_after: int | None = None) -> list[dict[str, object]]:  # type: ignore[no-untyped-def]
-    reqs = [_FakeRequest(i, cancel_after) for i in inputs]
-    model.execute(reqs)
-    return _results(reqs)
+def test_model_folder_imports_its_modules_as_triton_does() -> None:
+    folder = model_folder("llm")
+    helpers = sorted(p.stem for p in folder.glob("*.py") if p.stem != "model")
+    assert helpers and (folder / "model.py").is_file()
+    elsewhere = [p for p in sys.path if p != str(folder)]
+    for name in helpers:  # imported as top-level modules: no installed module may shadow one
+        assert name.startswith("llm_"), name
+        assert importlib.machinery.PathFinder.find_spec(name, elsewhere) is None, name
+    mod = load_module("llm")
+    assert mod.TritonPythonModel.__name__ == "TritonPythonModel"
+    for name in helpers:
+        assert sys.modules[name].__file__ == str(folder / f"{name}.py")
 
 
-def _results(reqs: list[_FakeRequest]) -> list[dict[str, object]]:
-    """Wait for every request's FINAL response, then summarise each request's responses."""
-    out = []
-    for r in reqs:
-        assert r.sender.done.wait(60), "no FINAL response"
-        finals = [resp for resp, flags in r.sender.sent if flags & 1]
-        assert len(finals) == 1  # exactly one FINAL response per request
-        final = finals[0]
-        if final is not None and final.error is not None:
-            out.append({"error": final.error.msg, "code": final.error.code})
-            continue
-        text = "".join(resp.outputs["text"].decode() for resp, _ in r.sender.sent if resp is not None)
-        out.append(
-            {
-                "text": text,
-                "finish": final.outputs["finish_reason"].decode(),
-                "completion_tokens": int(final.outputs["completion_tokens"]),
-                "chunks": len(r.sender.sent),
-            }
-        )
-    return out
-
-
-def test_model_batched_equals_solo_and_stream(llm_model) -> None:  # type: ignore[no-untyped-def]
+def test_model_batched_equals_solo_and_stream(llm_model) -> None:
     reqs = [
         {"prompt": "How do I reset my password?", "max_tokens": 20, "temperature": 0.8, "seed": 7},
         {"prompt": "如何重置密码？", "max_tokens": 12, "temperature": 0.0},
@@ -330,17 +210,17 @@ def test_model_batched_equals_solo_and_stream(llm_model) -> None:  # type: ignor
             "seed": 3,
         },
     ]
-    batched = _run(llm_model, *reqs)
-    for req, got in zip(reqs, batched):
-        solo = _run(llm_model, req)[0]
-        streamed = _run(llm_model, {**req, "stream": True})[0]
+    batched = run(llm_model, *reqs)
+    for req, got in zip(reqs, batched, strict=True):
+        solo = run(llm_model, req)[0]
+        streamed = run(llm_model, {**req, "stream": True})[0]
         assert solo["text"] == got["text"] == streamed["text"]
         assert solo["completion_tokens"] == got["completion_tokens"]
         assert got["chunks"] == 1 and streamed["chunks"] >= 1
 
 
-def test_model_errors_and_stop(llm_model) -> None:  # type: ignore[no-untyped-def]
-    res = _run(
+def test_model_errors_and_stop(llm_model) -> None:
+    res = run(
         llm_model,
         {"max_tokens": 3},
         {"prompt": "x", "messages_json": "[]"},
@@ -350,56 +230,63 @@ def test_model_errors_and_stop(llm_model) -> None:  # type: ignore[no-untyped-de
         {"prompt": "x", "max_tokens": 1024},
         {"prompt": "hello", "max_tokens": 5, "temperature": 0.0},
     )
-    assert res[0]["code"] == "INVALID_ARG" and res[0]["error"].startswith("INVALID_ARGUMENT: prompt:")
-    assert res[1]["code"] == "INVALID_ARG"
-    assert res[2]["error"].startswith("INVALID_ARGUMENT: adapter:")
-    assert res[3] == {"error": "NOT_FOUND: adapter 'missing' not found", "code": "NOT_FOUND"}
-    assert res[4]["error"].startswith("INVALID_ARGUMENT: max_tokens:")
-    assert res[5]["error"].startswith("INVALID_ARGUMENT: max_tokens:")
+    assert res[0] == {
+        "code": "INVALID_ARGUMENT",
+        "field": "prompt",
+        "error": "exactly one of prompt or messages_json is required",
+    }
+    assert res[1]["code"] == "INVALID_ARGUMENT" and res[1]["field"] == "prompt"
+    assert res[2] == {"code": "INVALID_ARGUMENT", "field": "adapter", "error": "invalid adapter name '../x'"}
+    assert res[3] == {"code": "NOT_FOUND", "field": "adapter", "error": "adapter 'missing' not found"}
+    assert res[4] == {"code": "INVALID_ARGUMENT", "field": "max_tokens", "error": "must be >= 1"}
+    assert res[5]["code"] == "INVALID_ARGUMENT" and res[5]["field"] == "max_tokens"
+    assert "exceeds the context of 1024" in str(res[5]["error"])
+    for r in res[:6]:  # the message is the reason alone: no status tag for anyone to parse
+        assert not str(r["error"]).startswith(("INVALID_ARGUMENT", "NOT_FOUND")), r
     assert res[6]["finish"] == "length" and res[6]["completion_tokens"] == 5
 
-    full = _run(llm_model, {"prompt": "hello", "max_tokens": 24, "temperature": 0.0})[0]["text"]
+    full = run(llm_model, {"prompt": "hello", "max_tokens": 24, "temperature": 0.0})[0]["text"]
     stop = full[4:6]
     for stream in (False, True):
-        got = _run(
+        got = run(
             llm_model,
             {"prompt": "hello", "max_tokens": 24, "temperature": 0.0, "stop_json": f'["{stop}"]', "stream": stream},
         )[0]
         assert got["text"] == full[: full.find(stop)] and got["finish"] == "stop"
 
 
-def test_model_cancel(llm_model) -> None:  # type: ignore[no-untyped-def]
-    got = _run(llm_model, {"prompt": "hello", "max_tokens": 500, "stream": True}, cancel_after=3)[0]
+def test_model_cancel(llm_model) -> None:
+    got = run(llm_model, {"prompt": "hello", "max_tokens": 500, "stream": True}, cancel_after=3)[0]
     assert got["finish"] == "cancelled" and got["completion_tokens"] == 3
 
 
-def _record_batch_sizes(model, monkeypatch) -> list[int]:  # type: ignore[no-untyped-def]
+def _record_batch_sizes(model, monkeypatch) -> list[int]:
     """Rows per decode step, recorded from the decode thread."""
     sizes: list[int] = []
-    step = model._decode_step
+    step = model.engine.decode_step
 
-    def recording(batch):  # type: ignore[no-untyped-def]
+    def recording(batch):
         sizes.append(len(batch.rows))
         return step(batch)
 
-    monkeypatch.setattr(model, "_decode_step", recording)
+    monkeypatch.setattr(model.engine, "decode_step", recording)
     return sizes
 
 
-def test_model_request_joins_running_batch(llm_model, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_model_request_joins_running_batch(llm_model, monkeypatch) -> None:
     # A long seeded generation, and a short one submitted while the first is mid-way.
     for seed in range(40):
         long_req = {"prompt": "tell a long story", "max_tokens": 80, "temperature": 1.0, "seed": seed}
-        long_solo = _run(llm_model, long_req)[0]
+        long_solo = run(llm_model, long_req)[0]
         if long_solo["completion_tokens"] >= 60:
             break
     else:
         pytest.fail("no seed generated 60 tokens")
     short_req = {"prompt": "如何重置密码？", "max_tokens": 10, "temperature": 0.7, "seed": 5, "stream": True}
-    short_solo = _run(llm_model, short_req)[0]
+    short_solo = run(llm_model, short_req)[0]
 
     sizes = _record_batch_sizes(llm_model, monkeypatch)
-    first = _FakeRequest(long_req)
+    first = FakeRequest(long_req)
     llm_model.execute([first])
     import time
 
@@ -407,77 +294,67 @@ def test_model_request_joins_running_batch(llm_model, monkeypatch) -> None:  # t
     while first.polls < 5 and time.monotonic() < deadline:  # one poll per generated token
         time.sleep(0.0005)
     assert not first.sender.done.is_set(), "the long request finished before the second arrived"
-    second = _FakeRequest(short_req)
+    second = FakeRequest(short_req)
     llm_model.execute([second])
-    long_got, short_got = _results([first, second])
+    long_got, short_got = results([first, second])
     assert 2 in sizes, "the second request never decoded together with the first"
     for got, solo in ((long_got, long_solo), (short_got, short_solo)):
         assert got["text"] == solo["text"] and got["completion_tokens"] == solo["completion_tokens"]
 
 
-def test_model_queue_overflow(llm_model, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_model_queue_overflow(llm_model, monkeypatch) -> None:
     # More requests than active slots: the rest wait in the queue and still match solo runs.
     sizes = _record_batch_sizes(llm_model, monkeypatch)
     reqs = [{"prompt": f"question {i}", "max_tokens": 6, "temperature": 0.0} for i in range(20)]
-    together = _run(llm_model, *reqs)
+    together = run(llm_model, *reqs)
     assert max(sizes) == 16
-    for req, got in zip(reqs[:3], together[:3]):
-        assert got["text"] == _run(llm_model, req)[0]["text"]
+    for req, got in zip(reqs[:3], together[:3], strict=True):
+        assert got["text"] == run(llm_model, req)[0]["text"]
 
 
-def test_model_sheds_load_beyond_the_queue_bound(llm_model, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setattr(llm_model, "max_queue", 2)
+def test_model_sheds_load_beyond_the_queue_bound(llm_model, monkeypatch) -> None:
+    monkeypatch.setattr(llm_model.engine, "max_queue", 2)
     reqs = [{"prompt": f"q {i}", "max_tokens": 4, "temperature": 0.0} for i in range(6)]
-    results = _run(llm_model, *reqs)  # all six arrive in one execute(): two fit the queue
-    refused = [r for r in results if "error" in r]
-    assert len(refused) == 4 and all(r["error"].startswith("RESOURCE_EXHAUSTED: llm queue is full") for r in refused)
-    assert all("text" in r for r in results[:2])
+    got = run(llm_model, *reqs)  # all six arrive in one execute(): two fit the queue
+    refused = [r for r in got if "error" in r]
+    assert len(refused) == 4
+    assert all(
+        r == {"code": "RESOURCE_EXHAUSTED", "field": "", "error": "llm queue is full (2 waiting)"} for r in refused
+    )
+    assert all("text" in r for r in got[:2])
 
 
-def test_model_finalize_fails_pending_requests(home: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
-    import importlib.util
-    import json
-    import sys
-
-    sys.modules["triton_python_backend_utils"] = _fake_pb_utils()
-    path = pathlib.Path(__file__).resolve().parents[2] / "triton_models" / "llm" / "1" / "model.py"
-    spec = importlib.util.spec_from_file_location("llmesh_triton_llm_model_2", path)
-    mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    params = {
-        "model_path": {"string_value": str(home / "models" / "tiny-qwen2")},
-        "adapter_dir": {"string_value": str(home / "adapters")},
-    }
-    m = mod.TritonPythonModel()
-    m.initialize({"model_config": json.dumps({"parameters": params, "max_batch_size": 1})})
-    reqs = [_FakeRequest({"prompt": "hello", "max_tokens": 1000, "temperature": 1.0}) for _ in range(4)]
+def test_model_finalize_fails_pending_requests(home: pathlib.Path) -> None:
+    params = {"model_path": str(home / "models" / "tiny-qwen2"), "adapter_dir": str(home / "adapters")}
+    _, m = load_llm(params, max_batch_size=1)
+    reqs = [FakeRequest({"prompt": "hello", "max_tokens": 1000, "temperature": 1.0}) for _ in range(4)]
     m.execute(reqs)
     m.finalize()
-    assert not m.thread.is_alive()
+    assert not m.engine.thread.is_alive()
     for r in reqs:
         assert r.sender.done.is_set()
-        finals = [resp for resp, flags in r.sender.sent if flags & 1]
-        assert len(finals) == 1
-    errors = [f.error for r in reqs for f, flags in r.sender.sent if flags & 1 and f.error is not None]
-    assert errors and all(e.code == "UNAVAILABLE" and e.msg.startswith("UNAVAILABLE:") for e in errors)
-    late = _FakeRequest({"prompt": "hello"})
+    got = results(reqs)  # exactly one FINAL each
+    errors = [r for r in got if "code" in r]
+    shutting_down = {"code": "UNAVAILABLE", "field": "", "error": "llm model is shutting down"}
+    assert errors and all(e == shutting_down for e in errors)
+    late = FakeRequest({"prompt": "hello"})
     m.execute([late])  # after finalize: answered at once, not queued forever
-    assert late.sender.done.is_set()
+    assert late.sender.done.is_set() and results([late]) == [shutting_down]
 
 
-def test_model_survives_a_failing_step(llm_model, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    step = llm_model._decode_step
+def test_model_survives_a_failing_step(llm_model, monkeypatch) -> None:
+    step = llm_model.engine.decode_step
     calls = {"n": 0}
 
-    def flaky(batch):  # type: ignore[no-untyped-def]
+    def flaky(batch):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("boom")
         return step(batch)
 
-    monkeypatch.setattr(llm_model, "_decode_step", flaky)
-    failed = _run(llm_model, {"prompt": "hello", "max_tokens": 50, "temperature": 0.0})[0]
-    assert failed["code"] == "INTERNAL" and "boom" in failed["error"]
-    assert llm_model.thread.is_alive()
-    monkeypatch.setattr(llm_model, "_decode_step", step)
-    assert _run(llm_model, {"prompt": "hello", "max_tokens": 5, "temperature": 0.0})[0]["completion_tokens"] == 5
+    monkeypatch.setattr(llm_model.engine, "decode_step", flaky)
+    failed = run(llm_model, {"prompt": "hello", "max_tokens": 50, "temperature": 0.0})[0]
+    assert failed == {"code": "INTERNAL", "field": "", "error": "boom"}
+    assert llm_model.engine.thread.is_alive()
+    monkeypatch.setattr(llm_model.engine, "decode_step", step)
+    assert run(llm_model, {"prompt": "hello", "max_tokens": 5, "temperature": 0.0})[0]["completion_tokens"] == 5

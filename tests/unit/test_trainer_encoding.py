@@ -1,12 +1,11 @@
 """Trainer encoding and evaluation on the tiny demo LM (CPU, a few seconds).
 
 The point of the shared encoding is that training, evaluation and serving see the same
-prompt: the serving side is checked against triton_models/llm/1/model.py itself.
+prompt: the serving side is checked against the Triton model (triton_models/llm/1) itself.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import pathlib
@@ -35,7 +34,7 @@ from llmesh.services.trainer.evaluate import (  # noqa: E402
     loss_curve_png,
     rouge_l,
 )
-from tests.unit.test_llm_model import _fake_pb_utils, _FakeRequest, _run  # noqa: E402
+from tests.support.triton_llm import FakeRequest, load_llm, run  # noqa: E402
 
 EXAMPLES: list[list[dict[str, str]]] = [
     [
@@ -81,19 +80,9 @@ def model(llm_path: pathlib.Path) -> Any:
 
 @pytest.fixture(scope="module")
 def served(llm_path: pathlib.Path) -> Iterator[tuple[Any, Any]]:
-    """The real Triton model.py (fake pb_utils), running its decode thread: (module, model)."""
-    sys.modules["triton_python_backend_utils"] = _fake_pb_utils()
-    path = pathlib.Path(__file__).resolve().parents[2] / "triton_models" / "llm" / "1" / "model.py"
-    spec = importlib.util.spec_from_file_location("llmesh_triton_llm_model_trainer", path)
-    mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    params = {
-        "model_path": {"string_value": str(llm_path)},
-        "adapter_dir": {"string_value": str(llm_path.parent / "adapters")},
-    }
-    m = mod.TritonPythonModel()
-    m.initialize({"model_config": json.dumps({"parameters": params})})
-    yield mod, m
+    """The real Triton model (fake pb_utils), running its decode thread: (llm_request module, model)."""
+    _, m = load_llm({"model_path": str(llm_path), "adapter_dir": str(llm_path.parent / "adapters")})
+    yield sys.modules["llm_request"], m
     m.finalize()
 
 
@@ -145,7 +134,7 @@ def test_truncation_keeps_the_prompt_end_and_the_target(tok: Any) -> None:
     with pytest.raises(ValueError):
         encode(tok, big[:1], max_length=64)  # no assistant target
     with pytest.raises(ValueError):
-        encode(tok, [big[0], {"role": "assistant", "content": None}], max_length=64)  # type: ignore[dict-item]
+        encode(tok, [big[0], {"role": "assistant", "content": None}], max_length=64)
 
 
 def test_collate_right_pads(tok: Any) -> None:
@@ -169,16 +158,16 @@ def test_collate_right_pads(tok: Any) -> None:
 def test_prompt_is_what_model_py_serves(tok: Any, model: Any, served: tuple[Any, Any]) -> None:
     from llmesh.services.trainer.evaluate import _generate
 
-    mod, server = served
+    request, server = served
     for ex in EXAMPLES:
         ex = [dict(m, name="x") for m in ex]  # model.py ignores extra keys: so must training
         req = {"messages_json": json.dumps(ex[:-1], ensure_ascii=False), "max_tokens": 12, "temperature": 0.0}
-        row = mod.Row(_FakeRequest(req))
-        server._parse(row)
+        row = request.Row(FakeRequest(req))
+        request.parse(row, server.tokenizer, server.max_positions)
         assert row.prompt_ids == prompt_ids(tok, ex)
         assert tok.decode(row.prompt_ids) == prompt_text(tok, ex)
         # and evaluation's greedy generation says what the server says
-        text = _run(server, req)[0]["text"]
+        text = run(server, req)[0]["text"]
         assert _generate(model, tok, [ex], max_length=512, max_new_tokens=12) == [text]
 
 
