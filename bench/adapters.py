@@ -48,10 +48,10 @@ import grpc
 
 from llmesh.client import OPERATOR
 from llmesh.client import sampling as sampling_pb
+from llmesh.config import MeshConfig
 from llmesh.pb.inference.v1 import inference_pb2 as pb
 from llmesh.pb.inference.v1 import inference_pb2_grpc as pb_grpc
 from llmesh.runtime.channels import channel_options
-from llmesh.config import MeshConfig
 from llmesh.runtime.identity import IDENTITY_KEY, InternalIdentity, load_secret
 
 OUT = Path(__file__).parent / "out"
@@ -324,7 +324,7 @@ def summarize(levels: list[Level], concurrencies: list[int]) -> tuple[list[Row],
     ratios: dict[str, float] = {}
     for c in concurrencies:
 
-        def per_round(a: str, b: str, cpu: bool = False) -> list[float]:
+        def per_round(a: str, b: str, cpu: bool = False, c: int = c) -> list[float]:
             by = {
                 (x.config, x.round): x.tokens / x.model_cpu_s if cpu else x.tokens_per_s
                 for x in levels

@@ -20,9 +20,10 @@ import statistics
 import tempfile
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import tritonclient.grpc.aio as triton
@@ -30,9 +31,9 @@ from tritonclient.grpc import InferRequestedOutput
 
 from llmesh.client import OPERATOR
 from llmesh.client import sampling as sampling_pb
+from llmesh.config import MeshConfig, load_config
 from llmesh.pb.inference.v1 import inference_pb2 as pb
 from llmesh.pb.inference.v1 import inference_pb2_grpc as pb_grpc
-from llmesh.config import MeshConfig, load_config
 from llmesh.runtime.identity import IDENTITY_KEY, InternalIdentity, load_secret
 from llmesh.services.inference.llm_backend import OUTPUTS, GenerationInput, build_inputs
 from llmesh.services.inference.sampling import Sampling
@@ -70,7 +71,7 @@ def direct_call(client: triton.InferenceServerClient, model: str, max_tokens: in
             Sampling(temperature=1.0, max_tokens=max_tokens, seed=i), prompt=PROMPTS[i % len(PROMPTS)]
         )
 
-        async def reqs():  # type: ignore[no-untyped-def]
+        async def reqs() -> AsyncIterator[dict[str, Any]]:
             yield {
                 "model_name": model,
                 "inputs": build_inputs(inp, True),
@@ -92,7 +93,7 @@ def direct_call(client: triton.InferenceServerClient, model: str, max_tokens: in
     return call
 
 
-def service_call(stub: pb_grpc.InferenceStub, max_tokens: int, identity: InternalIdentity) -> Call:
+def service_call(stub: pb_grpc.InferenceAsyncStub, max_tokens: int, identity: InternalIdentity) -> Call:
     async def call(i: int) -> Sample:
         req = pb.GenerateRequest(
             prompt=PROMPTS[i % len(PROMPTS)], sampling=sampling_pb(max_tokens=max_tokens, temperature=1.0, seed=i)

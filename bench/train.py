@@ -20,11 +20,20 @@ import tempfile
 import time
 from pathlib import Path
 
+from llmesh.pb.trainer.v1 import trainer_pb2_grpc
+
 OUT = Path(__file__).parent / "out"
 
 
 def plain_steps_per_second(
-    model_path: Path, pairs: list[dict], steps: int, batch_size: int, rank: int, lr: float, max_length: int, seed: int
+    model_path: Path,
+    pairs: list[dict[str, str]],
+    steps: int,
+    batch_size: int,
+    rank: int,
+    lr: float,
+    max_length: int,
+    seed: int,
 ) -> float:
     import torch
     from peft import LoraConfig, get_peft_model
@@ -34,9 +43,9 @@ def plain_steps_per_second(
 
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     model = get_peft_model(
-        model,
+        base,
         LoraConfig(
             r=rank,
             lora_alpha=2 * rank,
@@ -53,11 +62,11 @@ def plain_steps_per_second(
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = get_linear_schedule_with_warmup(opt, min(10, steps // 10), steps)
+    sched = get_linear_schedule_with_warmup(opt, min(10, steps // 10), steps)  # type: ignore[no-untyped-call]  # transformers leaves it untyped
     model.train()
     rng = random.Random(seed)
     t0 = time.perf_counter()
-    for step in range(steps):
+    for _ in range(steps):
         idx = rng.sample(range(len(data)), min(batch_size, len(data)))
         loss = model(**collate([data[i] for i in idx], pad)).loss
         loss.backward()
@@ -69,8 +78,16 @@ def plain_steps_per_second(
 
 
 def service_steps_per_second(
-    stub, dataset_id: str, name: str, epochs: int, batch_size: int, rank: int, lr: float, max_length: int, seed: int
-) -> tuple[float, int]:  # type: ignore[no-untyped-def]
+    stub: trainer_pb2_grpc.TrainerStub,
+    dataset_id: str,
+    name: str,
+    epochs: int,
+    batch_size: int,
+    rank: int,
+    lr: float,
+    max_length: int,
+    seed: int,
+) -> tuple[float, int]:
     from llmesh.pb.trainer.v1 import trainer_pb2 as pb
 
     job = stub.CreateJob(

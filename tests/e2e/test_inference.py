@@ -18,7 +18,10 @@ from tests.support.mesh import TEST_ADAPTER, Mesh
 
 def gen(stub, prompt: str, **kw: Any) -> pb.GenerateResponse:
     adapter = str(kw.pop("adapter", ""))
-    return stub.Generate(pb.GenerateRequest(prompt=prompt, sampling=sampling(**kw), adapter=adapter), timeout=60)
+    response: pb.GenerateResponse = stub.Generate(
+        pb.GenerateRequest(prompt=prompt, sampling=sampling(**kw), adapter=adapter), timeout=60
+    )
+    return response
 
 
 def stream_text(stub, request: pb.GenerateRequest) -> tuple[str, pb.GenerateStreamResponse]:

@@ -8,8 +8,9 @@ from llmesh.services.inference.llm_backend import GenerationInput, ModelError, m
 from llmesh.services.inference.sampling import Sampling
 
 
-def _details(trailers: tuple) -> status_pb2.Status:
+def _details(trailers: tuple[tuple[str, str | bytes], ...]) -> status_pb2.Status:
     raw = dict(trailers)["grpc-status-details-bin"]
+    assert isinstance(raw, bytes)  # a -bin key always carries bytes
     return status_pb2.Status.FromString(raw)
 
 
