@@ -341,10 +341,10 @@ def _sync(folder: Path | None, fds: list[int]) -> None:
         os.fdatasync(fd)
 
 
-def spooled_records(folder: Path) -> int:
-    """Records in ``folder`` not yet delivered to the security service (of running
-    gateways too: theirs are at most a flush interval old). For reports; takes no lock."""
-    total = 0
+def spool_backlog(folder: Path) -> dict[str, tuple[int, int]]:
+    """Per spool file in ``folder``: (records written, records delivered), running
+    gateways' files included. For reports; takes no lock."""
+    backlog: dict[str, tuple[int, int]] = {}
     for path in folder.glob("*.wal") if folder.is_dir() else ():
         try:
             fd = os.open(path, os.O_RDONLY)
@@ -357,10 +357,23 @@ def spooled_records(folder: Path) -> int:
                     records += 1
                 elif kind == ACK and len(payload) == _ACK.size:
                     acked = max(acked, _ACK.unpack(payload)[0])
-            total += max(0, records - acked)
+            backlog[path.name] = (records, acked)
         finally:
             os.close(fd)
-    return total
+    return backlog
+
+
+def spooled_records(folder: Path) -> int:
+    """Records in ``folder`` not yet delivered to the security service (of running
+    gateways too: theirs are at most a flush interval old)."""
+    return sum(max(0, records - acked) for records, acked in spool_backlog(folder).values())
+
+
+def stranded_records(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> int:
+    """Records spooled at ``before`` and still undelivered at ``after`` (a file gone by then
+    was fully delivered). Taken a few flush intervals apart, this tells records that are
+    stuck from the ones a live gateway is about to deliver."""
+    return sum(max(0, records - after[name][1]) for name, (records, _) in before.items() if name in after)
 
 
 class AuditSink:

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from llmesh.client import ApiKey, gateway_channel, local_channel, sampling
-from llmesh.demo.job import FAQ_RANK
+from llmesh.demo.job import FAQ_JOB
 from llmesh.demo.models import faq_pairs
 from llmesh.pb.inference.v1 import inference_pb2 as ipb
 from llmesh.pb.inference.v1 import inference_pb2_grpc as igrpc
@@ -27,10 +27,6 @@ from llmesh.pb.trainer.v1 import trainer_pb2_grpc as pb_grpc
 from tests.support.mesh import Mesh
 
 FAQ = json.dumps(faq_pairs(), ensure_ascii=False).encode()
-# What the demo trains with (llmesh.demo.job).
-FAQ_JOB = pb.CreateJobRequest(
-    lora=pb.LoraConfig(rank=FAQ_RANK), epochs=60, learning_rate=3e-3, batch_size=4, max_length=192, seed=1
-)
 
 
 def job_request(template: pb.CreateJobRequest, dataset_id: str, adapter_name: str) -> pb.CreateJobRequest:

@@ -18,7 +18,7 @@ import pytest
 from llmesh.pb.security.v1 import security_pb2 as spb
 from llmesh.runtime.identity import InternalIdentity
 from llmesh.services.gateway import audit
-from llmesh.services.gateway.audit import AuditSink, Spool, spooled_records
+from llmesh.services.gateway.audit import AuditSink, Spool, spooled_records, stranded_records
 from llmesh.services.gateway.proxy import Context
 
 
@@ -184,3 +184,10 @@ async def test_sink_delivers_in_order_and_spools_what_it_cannot(
     await nxt.close()
     assert servicer.actors == [f"a{i}" for i in range(13)]
     assert not list(tmp_path.iterdir())
+
+
+def test_stranded_records_are_those_still_undelivered_later() -> None:
+    # a: 3 written, 1 delivered → later 3 delivered (in flight, not stranded); b: gone (delivered).
+    assert stranded_records({"a": (3, 1), "b": (2, 0)}, {"a": (5, 3)}) == 0
+    # c: 4 written → later only 2 delivered: 2 stranded (records written since do not count).
+    assert stranded_records({"c": (4, 0)}, {"c": (9, 2)}) == 2

@@ -3,6 +3,7 @@ and the gateway's own spool reader counts records not yet in the chain."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import grpc
@@ -15,7 +16,7 @@ from llmesh.config import MeshConfig
 from llmesh.launcher.health import DOWN, probe_grpc
 from llmesh.pb.security.v1 import security_pb2, security_pb2_grpc
 from llmesh.runtime.identity import INTERNAL_SECRET
-from llmesh.services.gateway.audit import spooled_records
+from llmesh.services.gateway.audit import spool_backlog, stranded_records
 
 # Walking a long audit chain legitimately takes longer than reaching the service.
 VERIFY_TIMEOUT_S = 60.0
@@ -47,9 +48,17 @@ def audit_spool(cfg: MeshConfig) -> Path:
 
 
 def audit_spool_finding(cfg: MeshConfig) -> Finding:
-    """Records a gateway spooled but has not delivered wait on disk outside the chain."""
+    """Records a gateway spooled but has not delivered wait on disk outside the chain.
+
+    A live gateway delivers its records every flush interval, so a record seen once may
+    just be in flight: only what is still undelivered a few intervals later counts."""
     folder = audit_spool(cfg)
-    waiting = spooled_records(folder)
+    before = spool_backlog(folder)
+    if any(records > acked for records, acked in before.values()):
+        time.sleep(min(3 * cfg.gateway.audit_flush_interval_s + 0.5, 10.0))
+        waiting = stranded_records(before, spool_backlog(folder))
+    else:
+        waiting = 0
     if not waiting:
         return "pass", f"no audit records waiting in the gateway spool ({folder})"
     return "warn", (

@@ -60,7 +60,11 @@ Demo models have random weights: text is noise until llm_path points at a real m
 (see README, "Real models"); the faq adapter above has memorised the bundled FAQ."""
 
 DEMO_SCOPES = ["inference:*", "trainer:*"]
-FAQ_RANK = 16
+# Enough for the ~1M-parameter demo LM to memorise the 20 FAQ pairs in seconds on a CPU
+# (the e2e trainer tests train with the same job).
+FAQ_JOB = trainer_pb2.CreateJobRequest(
+    lora=trainer_pb2.LoraConfig(rank=16), epochs=60, learning_rate=3e-3, batch_size=4, max_length=192, seed=1
+)
 PII_PROMPT = "我的手机号是13812348000，邮箱zhang.san@example.com，VPN密码忘了怎么办？"
 
 
@@ -163,17 +167,8 @@ def adapt(inference: pb_grpc.InferenceStub, trainer: trainer_pb2_grpc.TrainerStu
     else:
         ds = upload(trainer, json.dumps(pairs, ensure_ascii=False).encode(), "faq.json", eval_fraction=0.1, seed=3)
         console.print(f"dataset {ds.dataset_id}: {ds.train_examples} train + {ds.eval_examples} held-out pairs")
-        # Enough for the ~1M-parameter demo LM to memorise the 20 FAQ pairs in seconds on a CPU.
-        request = trainer_pb2.CreateJobRequest(
-            dataset_id=ds.dataset_id,
-            adapter_name="faq",
-            lora=trainer_pb2.LoraConfig(rank=FAQ_RANK),
-            epochs=60,
-            learning_rate=3e-3,
-            batch_size=4,
-            max_length=192,
-            seed=1,
-        )
+        request = trainer_pb2.CreateJobRequest(dataset_id=ds.dataset_id, adapter_name="faq")
+        request.MergeFrom(FAQ_JOB)
         job = watch(trainer, trainer.CreateJob(request, timeout=30).job_id, console)
         if job.state != trainer_pb2.JOB_STATE_SUCCEEDED:
             raise DemoFailed(f"training the faq adapter failed: {job.error} (llmesh logs trainer)")
