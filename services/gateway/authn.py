@@ -272,8 +272,8 @@ class JwtVerifier:
             raise Unauthenticated(f"token algorithm {_safe(alg)} not allowed") from None
         except (jwt.InvalidIssuedAtError, jwt.exceptions.InvalidSubjectError, jwt.DecodeError):
             raise Unauthenticated("malformed token") from None
-        except jwt.PyJWTError as e:
-            raise Unauthenticated(f"invalid token ({type(e).__name__})") from None
+        except jwt.PyJWTError:
+            raise Unauthenticated("invalid token") from None
 
         sub, tenant = claims.get("sub"), claims.get("tenant")
         if not isinstance(sub, str) or not sub:

@@ -293,13 +293,9 @@ def main() -> None:
         job.update(("interrupted", str(e)))
         sys.exit(EXIT_INTERRUPTED)
     except Exception as e:  # a failure of this job, recorded; not a crash of the worker
-        traceback.print_exc()
-        job.update(
-            ("failed", f"{type(e).__name__}: {e}"),
-            state="failed",
-            error=f"{type(e).__name__}: {e}",
-            finished_at=time.time(),
-        )
+        traceback.print_exc()  # the class and traceback go to the trainer's log only
+        reason = f"training failed: {e}" if str(e) else "training failed (see llmesh logs trainer)"
+        job.update(("failed", reason), state="failed", error=reason, finished_at=time.time())
 
 
 if __name__ == "__main__":
