@@ -12,7 +12,7 @@ from llmesh.runtime.channels import peer_channel
 from llmesh.runtime.identity import HS256_SECRET, InternalIdentity, load_secret
 from llmesh.services.gateway.audit import AuditSink
 from llmesh.services.gateway.authn import JwtVerifier
-from llmesh.services.gateway.masking import Masker, Operator
+from llmesh.services.gateway.masking import Masker
 from llmesh.services.gateway.pipeline import Pipeline, SecretCache
 from llmesh.services.gateway.proxy import Upstreams
 from llmesh.services.gateway.ratelimit import Limit, RateLimiter
@@ -52,7 +52,7 @@ def build(mesh: MeshConfig | None = None) -> server.Service:
             {k: Limit(v.requests, v.window_s) for k, v in cfg.rate_limits.items()},
             tokens_per_minute=cfg.tokens_per_minute,
         ),
-        masker=Masker(operators={entity: Operator(op) for entity, op in cfg.masking.items()} or None),
+        masker=Masker(operators=dict(cfg.masking) or None),
         identity=identity,
         audit=audit,
         require_signature=cfg.require_signature,

@@ -46,6 +46,8 @@ class Rule:
 DEFAULT_OPERATORS: Mapping[str, Operator] = {e.name: e.operator for e in pii.ENTITIES}
 _ALIASES = {"ip": ("ipv4", "ipv6")}  # operators may configure both IP families at once
 _TAGS = {e.name: e.label for e in pii.ENTITIES}
+# What gateway.masking may name: the built-in entities and the aliases above.
+CONFIGURABLE_ENTITIES = frozenset(DEFAULT_OPERATORS) | frozenset(_ALIASES)
 
 
 # ---------------------------------------------------------------- mask renderers

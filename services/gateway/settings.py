@@ -7,8 +7,10 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
+from llmesh.auth.pii import Operator
 from llmesh.pb.common.v1 import options_pb2
 from llmesh.runtime.config import Section, ServerSettings
+from llmesh.services.gateway.masking import CONFIGURABLE_ENTITIES
 from llmesh.services.gateway.routes import PUBLIC_SERVICES
 
 # The ``rate_limit_class`` method option by number, as the rate_limits table names it
@@ -52,7 +54,7 @@ class GatewaySettings(Section):
     rate_limits: dict[str, RateLimitSettings] = Field(default_factory=_default_limits)
     tokens_per_minute: int = 20_000
     # Entity → operator (mask, redact, hash, pseudonymize); see gateway/masking.py.
-    masking: dict[str, str] = {}
+    masking: dict[str, Operator] = {}
     default_timeout_s: float = 120.0
     # Audit records go to the security service in batches at least this often.
     audit_flush_interval_s: float = Field(default=0.5, gt=0)
@@ -84,4 +86,12 @@ class GatewaySettings(Section):
         for name in v:
             if name not in PUBLIC_SERVICES:
                 raise ValueError(f"unknown service '{name}' (known: {', '.join(PUBLIC_SERVICES)})")
+        return v
+
+    @field_validator("masking")
+    @classmethod
+    def _known_entities(cls, v: dict[str, Operator]) -> dict[str, Operator]:
+        for name in v:  # a typo would otherwise fail the gateway's start, not the config load
+            if name not in CONFIGURABLE_ENTITIES:
+                raise ValueError(f"unknown entity '{name}' (known: {', '.join(sorted(CONFIGURABLE_ENTITIES))})")
         return v

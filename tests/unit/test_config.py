@@ -112,3 +112,12 @@ def test_every_public_method_is_served_by_the_default_config() -> None:
 def test_unknown_upstream_service_is_refused_naming_the_key() -> None:
     with pytest.raises(ConfigError, match=r"gateway\.upstreams': unknown service 'llmesh\.nope\.v1\.Nope'"):
         load_config(env={"LLMESH__GATEWAY__UPSTREAMS": "{llmesh.nope.v1.Nope: '127.0.0.1:1'}"})
+
+
+def test_masking_operators_are_checked_at_load() -> None:
+    ok = load_config(env={"LLMESH__GATEWAY__MASKING__EMAIL": "redact", "LLMESH__GATEWAY__MASKING__IP": "hash"})
+    assert (ok.gateway.masking["email"], ok.gateway.masking["ip"]) == ("redact", "hash")
+    with pytest.raises(ConfigError, match=r"gateway\.masking\.email.*'mask', 'redact', 'hash' or 'pseudonymize'"):
+        load_config(env={"LLMESH__GATEWAY__MASKING__EMAIL": "blur"})
+    with pytest.raises(ConfigError, match=r"gateway\.masking.*unknown entity 'phone'"):
+        load_config(env={"LLMESH__GATEWAY__MASKING__PHONE": "mask"})
