@@ -14,6 +14,7 @@ from llmesh.runtime.files import (
     address,
     create_secret,
     load_or_create_secret,
+    local_address,
     publish_dir,
     read_secret,
     write_atomic,
@@ -107,3 +108,12 @@ def test_read_secret_refuses_what_others_can_read(tmp_path: Path) -> None:
 )
 def test_address_brackets_ipv6_once(host: str, port: int, want: str) -> None:
     assert address(host, port) == want
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [("0.0.0.0", "127.0.0.1:7"), ("", "127.0.0.1:7"), ("::", "[::1]:7"), ("127.0.0.1", "127.0.0.1:7"),
+     ("::1", "[::1]:7"), ("10.0.0.9", "10.0.0.9:7"), ("gw.example", "gw.example:7")],
+)  # fmt: skip
+def test_local_address_reaches_a_wildcard_bind_on_loopback(host: str, expected: str) -> None:
+    assert local_address(host, 7) == expected

@@ -19,7 +19,7 @@ from llmesh.client.errors import describe_error, is_unreachable
 from llmesh.client.keys import ENV_KEY_ID, ENV_SECRET, ApiKey, ApiKeyError, api_key_from_env, read_api_key_file
 from llmesh.config import ConfigError, MeshConfig, load_config
 from llmesh.runtime.config import ServerSettings
-from llmesh.runtime.files import SecretFileError, address
+from llmesh.runtime.files import SecretFileError
 
 console = Console()
 err = Console(stderr=True)
@@ -99,12 +99,6 @@ def mesh_config(path: Path | None) -> MeshConfig:
     return load_config(path)
 
 
-def server_address(s: ServerSettings) -> str:
-    """Where to reach a server from this host (a wildcard bind is reached on loopback)."""
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(s.host, s.host)
-    return address(host, s.port)
-
-
 def remember(target: Target) -> None:
     TARGET.set(target)
 
@@ -120,10 +114,10 @@ def channel_for(cfg: MeshConfig, service: ServerSettings, access: Access, direct
     if key is None:
         if access.gateway:
             fail(f"--gateway needs an API key: pass --api-key-file FILE or set {ENV_KEY_ID} and {ENV_SECRET}", code=2)
-        target = Target(direct or server_address(service), via_gateway=False)
+        target = Target(direct or service.local_address, via_gateway=False)
         remember(target)
         return local_channel(target.address, cfg.home)
-    target = Target(access.gateway or server_address(cfg.gateway.server), via_gateway=True)
+    target = Target(access.gateway or cfg.gateway.server.local_address, via_gateway=True)
     remember(target)
     return gateway_channel(target.address, key)
 

@@ -21,7 +21,6 @@ from llmesh.cli.common import (
     fail,
     mesh_config,
     remember,
-    server_address,
 )
 from llmesh.client.keys import ENV_KEY_ID, ENV_SECRET, ApiKey
 
@@ -141,10 +140,10 @@ def token(
     if key is None or not key.secret:
         fail(f"no API key: pass --key-id and --secret, --api-key-file FILE, or set {ENV_KEY_ID} and {ENV_SECRET}", 2)
     if local:
-        target = Target(server_address(cfg.security.server), via_gateway=False)
+        target = Target(cfg.security.server.local_address, via_gateway=False)
         channel = local_channel(target.address, cfg.home)
     else:  # IssueToken is anonymous at the gateway (the secret is in the body): a plain channel
-        target = Target(gateway or server_address(cfg.gateway.server), via_gateway=True)
+        target = Target(gateway or cfg.gateway.server.local_address, via_gateway=True)
         channel = grpc.insecure_channel(target.address, options=channel_options(retries=False))
     remember(target)
     request = spb.IssueTokenRequest(key_id=key.key_id, secret=key.secret, scopes=scope)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import redis
 from google.protobuf.descriptor import ServiceDescriptor
 
-from llmesh.compliance.addresses import display_url, server_address
+from llmesh.compliance.addresses import display_url
 from llmesh.compliance.contracts import INFERENCE, SECURITY, count_policies, public_services
 from llmesh.compliance.findings import Check, Finding, make_check
 from llmesh.compliance.probes import private_file, redis_config, security_dir, unauthenticated_probe
@@ -74,11 +74,11 @@ def access_control(cfg: MeshConfig) -> Check:
         ),
         *token_signing_findings(cfg),
         private_file(security_dir(cfg) / INTERNAL_SECRET, "internal identity key"),
-        unauthenticated_probe("inference service", server_address(cfg.inference.server), PROBE_METHODS[INFERENCE]),
-        unauthenticated_probe("security service", server_address(cfg.security.server), PROBE_METHODS[SECURITY]),
+        unauthenticated_probe("inference service", cfg.inference.server.local_address, PROBE_METHODS[INFERENCE]),
+        unauthenticated_probe("security service", cfg.security.server.local_address, PROBE_METHODS[SECURITY]),
     ]
     if INFERENCE in gw.upstreams:  # the public port: no JWT must mean no access
-        findings.append(unauthenticated_probe("gateway", server_address(gw.server), PROBE_METHODS[INFERENCE]))
+        findings.append(unauthenticated_probe("gateway", gw.server.local_address, PROBE_METHODS[INFERENCE]))
     findings += policy_findings(public_services())
     findings.append(redis_auth_finding(cfg.inference.peers.redis))
     return make_check("access_control", "Access control", findings)

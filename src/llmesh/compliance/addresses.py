@@ -5,9 +5,6 @@ from __future__ import annotations
 import ipaddress
 from urllib.parse import urlsplit
 
-from llmesh.runtime.config import ServerSettings
-from llmesh.runtime.files import address
-
 
 def is_loopback(host: str) -> bool:
     """Literal loopback addresses and ``localhost`` only: any other name could resolve
@@ -42,7 +39,3 @@ def display_url(url: str) -> str:
     if not parts.password and not parts.username:
         return url
     return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
-
-
-def server_address(s: ServerSettings) -> str:
-    return address(s.host, s.port)

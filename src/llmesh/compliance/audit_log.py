@@ -9,7 +9,6 @@ from pathlib import Path
 import grpc
 
 from llmesh.client import describe_error, local_channel
-from llmesh.compliance.addresses import server_address
 from llmesh.compliance.findings import Check, Finding, make_check
 from llmesh.compliance.probes import PROBE_TIMEOUT_S, security_dir
 from llmesh.config import MeshConfig
@@ -24,7 +23,7 @@ VERIFY_TIMEOUT_S = 60.0
 
 def audit_chain_finding(cfg: MeshConfig) -> Finding:
     s = cfg.security.server
-    target = server_address(s)
+    target = s.local_address
     health = probe_grpc(s.host, s.port, timeout=PROBE_TIMEOUT_S)
     if health == DOWN:
         return "fail", f"security service unreachable at {target}: audit chain not verified"

@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from llmesh.runtime.files import local_address
+
 ENV_PREFIX = "LLMESH__"
 
 
@@ -42,6 +44,11 @@ class ServerSettings(Section):
     keepalive_time_ms: int = 30_000
     keepalive_timeout_ms: int = 10_000
     max_concurrent_streams: int = 256
+
+    @property
+    def local_address(self) -> str:
+        """Where this host reaches the server (a wildcard bind is reached on loopback)."""
+        return local_address(self.host, self.port)
 
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

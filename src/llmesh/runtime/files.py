@@ -13,6 +13,7 @@ the first byte, and refused when another user could read them. :func:`address` i
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import shutil
 import stat
@@ -167,6 +168,18 @@ def load_or_create_secret(path: Path, make: Callable[[], bytes], *, size: int | 
         pass
     create_secret(path, make())
     return read_secret(path, size=size)  # ours, or the one a concurrent process created
+
+
+def local_address(host: str, port: int) -> str:
+    """Where this host reaches a server that binds ``host:port``: a wildcard bind (all
+    IPv4 or IPv6 interfaces, or an empty host) is reached on loopback."""
+    try:
+        ip = ipaddress.ip_address(host.strip("[]")) if host else None
+    except ValueError:
+        return address(host, port)  # a host name
+    if ip is None or ip.is_unspecified:
+        host = "::1" if isinstance(ip, ipaddress.IPv6Address) else "127.0.0.1"
+    return address(host, port)
 
 
 def address(host: str, port: int) -> str:
