@@ -52,7 +52,16 @@ def _observe(adapter: str, outcome: str, started: float) -> None:
         ADAPTER_LATENCY.labels(arm).observe(time.perf_counter() - started)
 
 
-OUTPUTS = ("text", "prompt_tokens", "completion_tokens", "finish_reason", "error_code", "error_field", "error_message")
+OUTPUTS = (
+    "text",
+    "prompt_tokens",
+    "completion_tokens",
+    "finish_reason",
+    "structured_json",
+    "error_code",
+    "error_field",
+    "error_message",
+)
 # Reconnect quickly after Triton restarts instead of gRPC's default backoff (up to 120 s).
 _RECONNECT = [
     ("grpc.initial_reconnect_backoff_ms", 100),
@@ -67,6 +76,8 @@ class GenerationInput:
     prompt: str | None = None
     messages: Sequence[dict[str, str]] | None = None
     adapter: str = ""
+    raw: bool = False  # prompt sent as is (no chat template)
+    response_format: str = ""  # the model's response_format_json ("" = unconstrained)
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,7 @@ class Chunk:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "" until the last chunk, then "stop" | "length" | "cancelled"
+    structured: str = ""  # last chunk of a constrained request: the model's structured_json
 
 
 def _tensor(name: str, value: object, dtype: str) -> InferInput:
@@ -106,6 +118,8 @@ def build_inputs(inp: GenerationInput, stream: bool) -> list[InferInput]:
         _tensor("stop_json", json.dumps(list(s.stop), ensure_ascii=False), "BYTES"),
         _tensor("adapter", inp.adapter, "BYTES"),
         _tensor("stream", stream, "BOOL"),
+        _tensor("raw", inp.raw, "BOOL"),
+        _tensor("response_format_json", inp.response_format, "BYTES"),
     ]
 
 
@@ -119,6 +133,7 @@ API_FIELDS = {
     "top_k": "sampling.top_k",
     "seed": "sampling.seed",
     "repetition_penalty": "sampling.repetition_penalty",
+    "response_format_json": "response_format",
 }
 
 
@@ -226,6 +241,7 @@ class LlmBackend:
                     prompt_tokens=int(result.as_numpy("prompt_tokens").reshape(-1)[0]),
                     completion_tokens=int(result.as_numpy("completion_tokens").reshape(-1)[0]),
                     finish_reason=result.as_numpy("finish_reason").reshape(-1)[0].decode(),
+                    structured=_string_output(result, "structured_json") or "",
                 )
                 if chunk.finish_reason:  # recorded before the last yield: a consumer may stop here
                     _observe(inp.adapter, "ok", started)

@@ -40,6 +40,10 @@ class Row:
         self.stops: list[str] = []
         self.adapter = ""
         self.stream = False
+        self.raw_prompt = False  # input "raw": no chat template around a prompt
+        self.response_format: dict[str, Any] | None = None  # parsed response_format_json
+        self.constraint: Any = None  # the row's grammar matcher while decoding (llm_constraints)
+        self.structured = ""  # structured_json of the FINAL response ("" = unconstrained)
         self.generator: torch.Generator | None = None
         self.generated: list[int] = []
         self.raw = bytearray()  # bytes of the generated text (special tokens excluded)

@@ -24,14 +24,15 @@ def _int32(name: str, value: int) -> Any:
 
 
 def _response(text: str, row: Row, finish: str) -> Any:
-    return pb_utils.InferenceResponse(
-        output_tensors=[
-            _string("text", text),
-            _int32("prompt_tokens", len(row.prompt_ids)),
-            _int32("completion_tokens", len(row.generated)),
-            _string("finish_reason", finish),
-        ]
-    )
+    outputs = [
+        _string("text", text),
+        _int32("prompt_tokens", len(row.prompt_ids)),
+        _int32("completion_tokens", len(row.generated)),
+        _string("finish_reason", finish),
+    ]
+    if finish and row.structured:  # a constrained request's verdict rides on its FINAL
+        outputs.append(_string("structured_json", row.structured))
+    return pb_utils.InferenceResponse(output_tensors=outputs)
 
 
 def send_delta(row: Row, delta: str) -> None:
