@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import triton_python_backend_utils as pb_utils
 from llm_adapters import AdapterCache
+from llm_choices import ChoiceScorer
 from llm_errors import internal, queue_full, unavailable
 from llm_kvcache import map_cache, merge_cache, mergeable, pad_left, select_rows
 from llm_metrics import Metrics
@@ -69,6 +70,7 @@ class Batcher:
         self.pad_id = int(pad if pad is not None else 0)
         self.eos_ids = _eos_ids(tokenizer, lm)
         self.id_bytes = token_bytes(tokenizer, lm.config.vocab_size)  # token id -> bytes of its text
+        self.choices = ChoiceScorer(tokenizer, adapters, self.pad_id)  # choice lists: scored, not decoded
         self.queue: deque[Row] = deque()  # validated rows waiting for a free batch slot
         self.wakeup = threading.Condition()
         self.stopping = False
@@ -192,6 +194,7 @@ class Batcher:
             if r.adapter in errors:
                 send_error(r, errors[r.adapter])
         rows = [r for r in rows if not r.finalized]
+        rows = self.choices.divert(rows, self._finalize)  # choice rows end here (llm_choices)
         if not rows:
             return
         prefilled = self._prefill(rows)

@@ -5,7 +5,11 @@ Inputs (all optional, dims [1] plus the batch dim; exactly one of prompt / messa
   add_generation_prompt=True) | max_tokens INT32 (64) | temperature FP32 (1.0, 0 = greedy) |
   top_p FP32 (1.0) | top_k INT32 (0 = off) | repetition_penalty FP32 (1.0) | seed INT64
   (absent or < 0 = random) | stop_json STRING (JSON list of stop strings) | adapter STRING
-  ("" = base model) | stream BOOL (false)
+  ("" = base model) | stream BOOL (false) | raw BOOL (false: a prompt is wrapped as one user
+  turn in the tokenizer's chat template when it has one; true: tokenized as is) |
+  response_format_json STRING ("" = unconstrained; see llm_constraints.parse_format: a JSON
+  schema, a choice list, a regex or any JSON object; a constrained row ignores stop strings,
+  it ends when its grammar does)
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
+from llm_constraints import parse_format, prepare
 from llm_errors import invalid
 
 ADAPTER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
@@ -30,6 +35,7 @@ class Row:
         self.request = request
         self.sender = request.get_response_sender()
         self.prompt_ids: list[int] = []
+        self.prompt_text = ""  # the text prompt_ids were tokenized from (choice scoring extends it)
         self.source = "prompt"  # the input the prompt came from, named in errors
         self.max_tokens = 64
         self.temperature = 1.0
@@ -87,14 +93,25 @@ def _string(request: Any, name: str) -> str | None:
     return str(value)
 
 
-def _prompt_text(request: Any, tokenizer: Any) -> tuple[str, str]:
-    """(text, the input it came from): the prompt as given or the chat template applied."""
+def _chat(tokenizer: Any, messages: list[dict[str, str]], field: str) -> str:
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as exc:  # template errors are the caller's input
+        raise invalid(field, f"chat template failed ({exc})") from None
+    return str(text)
+
+
+def _prompt_text(request: Any, tokenizer: Any, raw: bool) -> tuple[str, str]:
+    """(text, the input it came from): the prompt as given (raw), as one user turn of the chat
+    template (an instruct model answers it instead of ending at once), or the messages."""
     prompt = _string(request, "prompt")
     messages_json = _string(request, "messages_json")
     if (prompt is None) == (messages_json is None):
         raise invalid("prompt", "exactly one of prompt or messages_json is required")
     if messages_json is None:
-        return prompt or "", "prompt"
+        if raw or not prompt or not getattr(tokenizer, "chat_template", None):
+            return prompt or "", "prompt"
+        return _chat(tokenizer, [{"role": "user", "content": prompt}], "prompt"), "prompt"
     try:
         messages = json.loads(messages_json)
     except ValueError as exc:
@@ -104,21 +121,17 @@ def _prompt_text(request: Any, tokenizer: Any) -> tuple[str, str]:
     for m in messages:
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             raise invalid("messages_json", 'each item needs string "role" and "content"')
-    try:
-        text = tokenizer.apply_chat_template(
-            [{"role": m["role"], "content": m["content"]} for m in messages],
-            add_generation_prompt=True,
-            tokenize=False,
-        )
-    except Exception as exc:  # template errors are the caller's input
-        raise invalid("messages_json", f"chat template failed ({exc})") from None
-    return str(text), "messages_json"
+    text = _chat(tokenizer, [{"role": m["role"], "content": m["content"]} for m in messages], "messages_json")
+    return text, "messages_json"
 
 
 def parse(row: Row, tokenizer: Any, max_positions: int) -> None:
     """Fill `row` from its request's inputs; raises RequestError naming the bad input."""
     req = row.request
-    text, row.source = _prompt_text(req, tokenizer)
+    v = _scalar(req, "raw")
+    row.raw_prompt = bool(v) if v is not None else False
+    text, row.source = _prompt_text(req, tokenizer, row.raw_prompt)
+    row.prompt_text = text
     row.prompt_ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if not row.prompt_ids:
         raise invalid("prompt", "empty prompt")
@@ -168,6 +181,10 @@ def parse(row: Row, tokenizer: Any, max_positions: int) -> None:
     row.adapter = adapter
     v = _scalar(req, "stream")
     row.stream = bool(v) if v is not None else False
+    row.response_format = parse_format(_string(req, "response_format_json") or "")
+    row.constraint = prepare(row.response_format, tokenizer)
+    if row.response_format is not None:
+        row.stops = []  # a stop string would cut a structured output short of its grammar
 
     gen = torch.Generator()
     if row.seed is None:

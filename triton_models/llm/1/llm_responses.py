@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from llm_constraints import verdict
 from llm_errors import RequestError
 from llm_request import Row
 
@@ -49,6 +50,8 @@ def send_final(row: Row) -> None:
     if row.finalized:
         return
     row.finalized = True
+    if row.response_format is not None and not row.structured:  # choice rows come scored
+        row.structured = verdict(row.finish, row.constraint)
     try:
         if row.finish == "cancelled":
             try:

@@ -1,4 +1,10 @@
-"""Sampling of one row's next token under its own parameters and seeded generator."""
+"""Sampling of one row's next token under its own parameters and seeded generator.
+
+A constrained row (row.constraint, llm_constraints.Matcher) samples only among the tokens its
+grammar allows, is forced to EOS once the grammar is complete, and its matcher follows the
+token picked here (the batcher accepts every token sample returns). Unconstrained rows of the
+same batch are not touched.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +13,16 @@ from llm_request import Row
 
 
 def sample(row: Row, logits: torch.Tensor) -> int:
-    """Repetition penalty, then greedy (temperature 0) or temperature / top-k / top-p sampling."""
-    logits = logits.float()
+    """Grammar mask, repetition penalty, then greedy (temperature 0) or temperature / top-k / top-p."""
+    matcher = row.constraint
+    if matcher is None:
+        return _pick(row, logits.float())
+    tok = matcher.eos if matcher.done() else _pick(row, matcher.mask(logits.float()))
+    matcher.consume(tok)
+    return tok
+
+
+def _pick(row: Row, logits: torch.Tensor) -> int:
     if row.repetition_penalty != 1.0 and row.seen is not None and row.seen.numel():
         picked = logits.index_select(0, row.seen)
         picked = torch.where(picked < 0, picked * row.repetition_penalty, picked / row.repetition_penalty)
