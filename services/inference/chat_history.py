@@ -49,12 +49,13 @@ class ChatTurns:
         sampling: Sampling,
         adapter: str,
         timeout: float,
+        response_format: str = "",
     ) -> AsyncIterator[tuple[Chunk, int]]:
         """Streams one turn as (chunk, messages kept); the turn is stored before the final
         chunk is yielded, and the count is set on that chunk only (0 before)."""
         history = await self.memory.load(tenant, cid)
         messages = turn_messages(history, message, system_prompt, self.max_prompt_chars)
-        inp = GenerationInput(sampling, messages=messages, adapter=adapter)
+        inp = GenerationInput(sampling, messages=messages, adapter=adapter, response_format=response_format)
         text: list[str] = []
         async for c in self.llm.stream(inp, timeout=timeout):
             text.append(c.text)

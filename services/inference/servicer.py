@@ -19,6 +19,7 @@ from llmesh.runtime.identity import InternalIdentity
 from llmesh.services.inference.chat_history import ChatTurns
 from llmesh.services.inference.llm_backend import Chunk, GenerationInput, LlmBackend
 from llmesh.services.inference.memory import ChatMemory, Message, check_conversation_id, new_conversation_id
+from llmesh.services.inference.response_format import model_json, structured_pb
 from llmesh.services.inference.sampling import Sampling
 from llmesh.services.inference.settings import InferenceSettings
 from llmesh.services.inference.templates import TemplateLibrary
@@ -94,17 +95,24 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     def _generation_input(self, req: pb.GenerateRequest, context: Context) -> GenerationInput:
         which = req.WhichOneof("input")
+        fmt = model_json(req.response_format)  # the request's own format wins over a template's
         if which == "prompt":
             return GenerationInput(
                 self._sampling(req.sampling),
                 prompt=self._text(req.prompt, "prompt"),
                 adapter=self._adapter(req.adapter, context),
+                response_format=fmt,
             )
         if which == "template":
             t = self.templates.get(req.template.name)
             prompt = self._text(t.render(req.template.variables), "template.variables")
+            if not fmt and (tf := t.format_for(req.template.variables)) is not None:
+                fmt = model_json(tf, "template")
             return GenerationInput(
-                self._sampling(req.sampling, t.sampling), prompt=prompt, adapter=self._adapter(req.adapter, context)
+                self._sampling(req.sampling, t.sampling),
+                prompt=prompt,
+                adapter=self._adapter(req.adapter, context),
+                response_format=fmt,
             )
         raise InvalidArgument("prompt", "set either prompt or template")
 
@@ -121,6 +129,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             finish_reason=FINISH[c.finish_reason],
             model=self.llm.model,
             adapter=inp.adapter,
+            structured=structured_pb(c.structured),
         )
 
     async def GenerateStream(
@@ -130,7 +139,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         async for c in self.llm.stream(inp, timeout=self._timeout(context)):
             if c.finish_reason:
                 yield pb.GenerateStreamResponse(
-                    text_delta=c.text, usage=usage_pb(c), finish_reason=FINISH[c.finish_reason]
+                    text_delta=c.text,
+                    usage=usage_pb(c),
+                    finish_reason=FINISH[c.finish_reason],
+                    structured=structured_pb(c.structured),
                 )
             elif c.text:
                 yield pb.GenerateStreamResponse(text_delta=c.text)
@@ -140,8 +152,16 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         message = self._text(req.message, "message")
         sampling = self._sampling(req.sampling)
         adapter = self._adapter(req.adapter, context)
+        fmt = model_json(req.response_format)
         turn = self.chat.stream(
-            self._tenant(context), cid, message, req.system_prompt, sampling, adapter, self._timeout(context)
+            self._tenant(context),
+            cid,
+            message,
+            req.system_prompt,
+            sampling,
+            adapter,
+            self._timeout(context),
+            response_format=fmt,
         )
         async for item in turn:
             yield item
@@ -161,6 +181,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     usage=usage_pb(c),
                     finish_reason=FINISH[c.finish_reason],
                     history_length=kept,
+                    structured=structured_pb(c.structured),
                 )
         raise AssertionError("unreachable: the backend always ends with a final chunk")
 
@@ -175,6 +196,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     usage=usage_pb(c),
                     finish_reason=FINISH[c.finish_reason],
                     history_length=kept,
+                    structured=structured_pb(c.structured),
                 )
             elif c.text:
                 yield pb.ChatStreamResponse(conversation_id=cid, text_delta=c.text)
@@ -213,7 +235,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def ListTemplates(self, request: pb.ListTemplatesRequest, context: Context) -> pb.ListTemplatesResponse:
         return pb.ListTemplatesResponse(
             templates=[
-                pb.TemplateInfo(name=t.name, description=t.description, variables=t.variables, sampling=t.sampling)
+                pb.TemplateInfo(
+                    name=t.name,
+                    description=t.description,
+                    variables=t.variables,
+                    sampling=t.sampling,
+                    response_format=t.response_format,
+                )
                 for t in self.templates
             ]
         )
