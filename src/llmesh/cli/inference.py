@@ -22,6 +22,7 @@ from llmesh.cli.common import (
 from llmesh.config import MeshConfig
 
 if TYPE_CHECKING:  # the generated modules load when a command runs: --help stays fast
+    from llmesh.pb.inference.v1 import inference_pb2 as pb_types
     from llmesh.pb.inference.v1 import inference_pb2_grpc as pb_grpc
 
 AddressOpt = Annotated[
@@ -52,6 +53,35 @@ def parse_vars(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+def response_format(json_schema: str | None, choice: str | None, regex: str | None) -> pb_types.ResponseFormat | None:
+    """--json-schema FILE|JSON, --choice A,B,C, --regex RE → a ResponseFormat (at most one)."""
+    import pathlib
+
+    from llmesh.pb.inference.v1 import inference_pb2 as pb
+
+    if sum(x is not None for x in (json_schema, choice, regex)) > 1:
+        raise typer.BadParameter("give at most one of --json-schema, --choice, --regex")
+    if json_schema is not None:
+        path = pathlib.Path(json_schema)
+        text = json_schema if json_schema.lstrip().startswith(("{", "[")) or not path.is_file() else path.read_text()
+        return pb.ResponseFormat(json_schema=text)
+    if choice is not None:
+        return pb.ResponseFormat(choice=pb.ChoiceList(choices=[c.strip() for c in choice.split(",") if c.strip()]))
+    if regex is not None:
+        return pb.ResponseFormat(regex=regex)
+    return None
+
+
+def print_structured(msg: pb_types.GenerateResponse | pb_types.GenerateStreamResponse) -> None:
+    """The structured verdict and, for a choice list, every choice's probability."""
+    if not msg.HasField("structured"):
+        return
+    st = msg.structured
+    err.print(f"[dim]structured valid={str(st.valid).lower()}[/dim]")
+    for c in st.choices:
+        err.print(f"[dim]  {c.probability:7.2%}  {c.choice}[/dim]")
+
+
 def generate(
     prompt: Annotated[str | None, typer.Argument(help="Prompt text (omit with --template).")] = None,
     stream: Annotated[bool, typer.Option("--stream", help="Print tokens as they arrive.")] = False,
@@ -64,13 +94,20 @@ def generate(
     top_k: Annotated[int | None, typer.Option()] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     stop: Annotated[list[str], typer.Option("--stop", help="Stop sequence (repeatable).")] = [],  # noqa: B006  # (same)
+    json_schema: Annotated[
+        str | None, typer.Option("--json-schema", help="Answer as JSON valid against this schema (file or JSON).")
+    ] = None,
+    choice: Annotated[
+        str | None, typer.Option("--choice", help="Answer with one of A,B,C (shows each one's probability).")
+    ] = None,
+    regex: Annotated[str | None, typer.Option("--regex", help="Answer matching this regular expression.")] = None,
     address: AddressOpt = None,
     gateway: GatewayOpt = None,
     api_key_file: ApiKeyFileOpt = None,
     local: LocalOpt = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Generate text from a prompt or a template."""
+    """Generate text from a prompt or a template (optionally constrained to a format)."""
     from llmesh.client.sampling import sampling
     from llmesh.pb.inference.v1 import inference_pb2 as pb
 
@@ -81,6 +118,8 @@ def generate(
         )
     else:
         req = pb.GenerateRequest(prompt=prompt or "", sampling=s, adapter=adapter)
+    if (fmt := response_format(json_schema, choice, regex)) is not None:
+        req.response_format.CopyFrom(fmt)
     cfg = mesh_config(config)
     client = stub(cfg, Access(gateway, api_key_file, local), address)
     if stream:
@@ -96,6 +135,7 @@ def generate(
                 f"[dim]finish={finish_name(last.finish_reason)} "
                 f"prompt_tokens={u.prompt_tokens} completion_tokens={u.completion_tokens}[/dim]"
             )
+            print_structured(last)
     else:
         r = client.Generate(req, timeout=120)
         print(r.text)
@@ -103,6 +143,7 @@ def generate(
             f"[dim]finish={finish_name(r.finish_reason)} prompt_tokens={r.usage.prompt_tokens} "
             f"completion_tokens={r.usage.completion_tokens}[/dim]"
         )
+        print_structured(r)
 
 
 def chat_turn(
