@@ -65,7 +65,10 @@ DEMO_SCOPES = ["inference:*", "trainer:*"]
 FAQ_JOB = trainer_pb2.CreateJobRequest(
     lora=trainer_pb2.LoraConfig(rank=16), epochs=60, learning_rate=3e-3, batch_size=4, max_length=192, seed=1
 )
-PII_PROMPT = "我的手机号是13812348000，邮箱zhang.san@example.com，VPN密码忘了怎么办？"
+PII_PROMPT = (
+    "Hi, my phone is 13812348000 and my email is zhang.san@example.com. I forgot my VPN password, what should I do?"
+)
+FOLLOW_UP = "Thanks. Who should I contact if that does not work?"
 
 
 class DemoFailed(Exception):
@@ -130,7 +133,7 @@ def run_demo(cfg: MeshConfig, config_path: Path | None, timeout: float) -> int:
             "HMAC signature, scope check, rate limits, PII masking, audit"
         )
         channel = gateway_channel(gateway, key)
-        show(cfg, pb_grpc.InferenceStub(channel), key)
+        show(cfg, pb_grpc.InferenceStub(channel))
         adapt(pb_grpc.InferenceStub(channel), trainer_pb2_grpc.TrainerStub(channel))
         channel.close()
     except grpc.RpcError as e:
@@ -189,13 +192,21 @@ def adapt(inference: pb_grpc.InferenceStub, trainer: trainer_pb2_grpc.TrainerStu
         console.print(f"   adapter faq:  {after.strip()[:100]!r}", markup=False, soft_wrap=True)
 
 
-def show(cfg: MeshConfig, stub: pb_grpc.InferenceStub, key: ApiKey) -> None:
-    _section("streamed generation (GenerateStream)")
-    prompt = "如何重置密码?"
+def show(cfg: MeshConfig, stub: pb_grpc.InferenceStub) -> None:
+    stream_section(stub)
+    template_section(stub)
+    chat_section(cfg, stub)
+    extraction_section(stub)
+    audit_section(cfg)
+
+
+def stream_section(stub: pb_grpc.InferenceStub) -> None:
+    _section("streamed generation (GenerateStream; the prompt goes in the model's chat template)")
+    prompt = "How do I reset my password?"
     console.print(f"prompt: {prompt}")
     last = None
     for msg in stub.GenerateStream(
-        pb.GenerateRequest(prompt=prompt, sampling=sampling(max_tokens=32, seed=7, temperature=0.8)), timeout=120
+        pb.GenerateRequest(prompt=prompt, sampling=sampling(max_tokens=80, temperature=0.0)), timeout=180
     ):
         sys.stdout.write(msg.text_delta)
         sys.stdout.flush()
@@ -203,27 +214,44 @@ def show(cfg: MeshConfig, stub: pb_grpc.InferenceStub, key: ApiKey) -> None:
     print()
     if last is not None:
         console.print(
-            f"[dim]usage: {last.usage.prompt_tokens} prompt + {last.usage.completion_tokens} completion tokens[/dim]"
+            f"[dim]usage: {last.usage.prompt_tokens} prompt + {last.usage.completion_tokens} completion tokens, "
+            f"finish {types_pb2.FinishReason.Name(last.finish_reason)}[/dim]"
         )
 
-    _section("templated prompt (template 'translation', rendered server-side)")
-    variables = {"text": "今天天气很好", "source_lang": "中文", "target_lang": "英文"}
+
+def template_section(stub: pb_grpc.InferenceStub) -> None:
+    _section("server-side templates: translation, and classification with every category's probability")
+    variables = {"text": "今天天气很好", "source_lang": "Chinese", "target_lang": "English"}
     rendered = stub.RenderTemplate(pb.TemplateInput(name="translation", variables=variables), timeout=10)
-    console.print(Panel(rendered.prompt, title="rendered prompt"))
+    console.print(Panel(rendered.prompt, title="rendered prompt (template 'translation')"))
     r = stub.Generate(
         pb.GenerateRequest(
-            template=pb.TemplateInput(name="translation", variables=variables), sampling=sampling(max_tokens=24)
+            template=pb.TemplateInput(name="translation", variables=variables),
+            sampling=sampling(max_tokens=32, temperature=0.0),
         ),
-        timeout=120,
+        timeout=180,
     )
-    console.print(f"output: {r.text!r}  [dim]({r.usage.total_tokens} tokens)[/dim]")
+    console.print(f"translation: {r.text.strip()!r}  [dim]({r.usage.total_tokens} tokens)[/dim]")
+    ticket = "I was charged twice for my subscription this month."
+    categories = "account, billing, technical, complaint"
+    c = stub.Generate(
+        pb.GenerateRequest(
+            template=pb.TemplateInput(name="classification", variables={"text": ticket, "categories": categories})
+        ),
+        timeout=180,
+    )
+    odds = ", ".join(f"{p.choice} {p.probability:.2f}" for p in c.structured.choices)
+    console.print(f"classify {ticket!r} → [bold]{c.text}[/bold]  ({odds})")
 
-    _section("PII masked before the model (Chat, two turns with server-side memory)")
+
+def chat_section(cfg: MeshConfig, stub: pb_grpc.InferenceStub) -> None:
+    _section("chat with server-side memory; PII masked before the model (Chat, two turns)")
+    greedy = sampling(max_tokens=64, temperature=0.0)
     first = stub.Chat(
-        pb.ChatRequest(message=PII_PROMPT, system_prompt="你是企业IT服务台助手。", sampling=sampling(max_tokens=24)),
-        timeout=120,
+        pb.ChatRequest(message=PII_PROMPT, system_prompt="You are a helpful IT helpdesk assistant.", sampling=greedy),
+        timeout=180,
     )
-    console.print(f"you sent:        {PII_PROMPT}")
+    console.print(f"you sent:        {PII_PROMPT}", markup=False)
     # What the model saw, read straight from the inference service as an operator of the same tenant.
     operator = Principal("demo-operator", DEMO_TENANT, frozenset({"inference:read", "inference:chat"}))
     direct = pb_grpc.InferenceStub(
@@ -232,15 +260,33 @@ def show(cfg: MeshConfig, stub: pb_grpc.InferenceStub, key: ApiKey) -> None:
     stored = direct.GetConversation(pb.GetConversationRequest(conversation_id=first.conversation_id), timeout=10)
     seen = next(m.content for m in stored.messages if m.role == types_pb2.ROLE_USER)
     console.print(f"the model saw:   {seen}", markup=False)
-    console.print(f"reply: {first.reply.content!r}  (placeholders in replies are restored for you)")
+    console.print(f"reply: {first.reply.content.strip()!r}", markup=False, soft_wrap=True)
+    console.print("[dim](placeholders in replies are restored for you)[/dim]")
     second = stub.Chat(
-        pb.ChatRequest(conversation_id=first.conversation_id, message="怎么重置?", sampling=sampling(max_tokens=24)),
-        timeout=120,
+        pb.ChatRequest(conversation_id=first.conversation_id, message=FOLLOW_UP, sampling=greedy), timeout=180
     )
-    console.print(
-        f"conversation {second.conversation_id}: reply {second.reply.content!r}, history {second.history_length}"
-    )
+    console.print(f"you: {FOLLOW_UP}", markup=False)
+    console.print(f"reply: {second.reply.content.strip()!r}", markup=False, soft_wrap=True)
+    console.print(f"[dim]conversation {second.conversation_id}: {second.history_length} messages kept[/dim]")
 
+
+def extraction_section(stub: pb_grpc.InferenceStub) -> None:
+    _section("structured extraction (template 'entity_extraction': JSON schema enforced while decoding)")
+    text = "Zhang Wei from Huawei met Li Na in Shanghai to plan the new Alibaba office."
+    r = stub.Generate(
+        pb.GenerateRequest(template=pb.TemplateInput(name="entity_extraction", variables={"text": text})),
+        timeout=180,
+    )
+    console.print(f"text: {text}", markup=False)
+    console.print(f"JSON: {r.text}", markup=False, soft_wrap=True)
+    if r.structured.valid:
+        found = json.loads(r.text)
+        console.print(f"valid against the schema: {', '.join(f'{k}={v}' for k, v in found.items())}", markup=False)
+    else:
+        console.print(f"not valid (finish {types_pb2.FinishReason.Name(r.finish_reason)}): cut by max_tokens")
+
+
+def audit_section(cfg: MeshConfig) -> None:
     _section("audit trail (security service, hash-chained)")
     security = security_pb2_grpc.SecurityStub(
         local_channel(address(cfg.security.server.host, cfg.security.server.port), cfg.home)
