@@ -1,10 +1,16 @@
 """Chat examples -> training tensors, shared by training and evaluation.
 
 The prompt is built exactly as ``triton_models/llm/1/model.py`` builds it for a
-``messages_json`` request (the Chat RPC): the tokenizer's chat template over
-``{"role", "content"}`` only, with the generation prompt, tokenized without extra special
-tokens. The target is what the served model must then generate: the last (assistant)
-message's tokens followed by eos, where the server stops. Prompt and target are tokenized
+``messages_json`` request (the Chat RPC) and for a Generate prompt that is not raw: the
+tokenizer's chat template over ``{"role", "content"}`` only, with the generation prompt,
+tokenized without extra special tokens. The target is what the served model must then
+generate: the last (assistant) message's tokens followed by the token the chat template
+closes an assistant turn with (``<|im_end|>`` for ChatML, ``<|eot_id|>`` for Llama 3: found
+by rendering the template, since it need not be ``eos``), where the server stops.
+
+A tokenizer without a chat template trains in the ``raw`` prompt format: the prompt is the
+messages' contents as they are (what a raw Generate sends), the target ends with eos. The
+adapter records its format and serving applies the same. Prompt and target are tokenized
 separately on purpose: serving tokenizes the prompt alone and the model emits the target
 token by token after it, so joint tokenization could merge tokens across the boundary
 that the model never sees at serving time.
@@ -24,10 +30,26 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["IGNORE_INDEX", "prompt_text", "prompt_ids", "target_ids", "pad_token_id", "encode", "collate"]
+__all__ = [
+    "IGNORE_INDEX",
+    "CHAT",
+    "RAW",
+    "prompt_format",
+    "end_of_turn_id",
+    "prompt_text",
+    "prompt_ids",
+    "target_ids",
+    "pad_token_id",
+    "encode",
+    "collate",
+]
 
 #: Label of positions that carry no loss (torch's cross-entropy ``ignore_index`` default).
 IGNORE_INDEX = -100
+#: Prompt formats: the chat template around the prompt, or the text as it is.
+CHAT, RAW = "chat", "raw"
+# Assistant content no template alters, to find what the template writes after it.
+_PROBE = "llmesh end of turn probe"
 
 Messages = Sequence[dict[str, Any]]
 
@@ -42,12 +64,39 @@ def _check(messages: Messages) -> None:
         raise ValueError(f"the last message is the target and must be 'assistant', not {messages[-1]['role']!r}")
 
 
+def prompt_format(tokenizer: Any) -> str:
+    """``chat`` when the tokenizer has a chat template, else ``raw``."""
+    return CHAT if getattr(tokenizer, "chat_template", None) else RAW
+
+
+def end_of_turn_id(tokenizer: Any) -> int:
+    """The token that ends an assistant turn: the first special token the chat template
+    writes after the assistant's content; eos without a template or when it writes none."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos token: the model could never learn to stop")
+    if prompt_format(tokenizer) == RAW:
+        return int(eos)
+    turn = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
+    text = str(tokenizer.apply_chat_template(turn, tokenize=False))
+    _, found, after = text.rpartition(_PROBE)
+    special = set(tokenizer.all_special_ids) | {int(i) for i in getattr(tokenizer, "added_tokens_decoder", {})}
+    for tok in tokenizer(after, add_special_tokens=False)["input_ids"] if found else []:
+        if tok in special:
+            return int(tok)
+        if tokenizer.decode([tok]).strip():  # text before any special token: the template has none
+            break
+    return int(eos)
+
+
 def prompt_text(tokenizer: Any, messages: Messages) -> str:
     """The exact prompt text the served model gets for this conversation (all but the target)."""
     _check(messages)
     # model.py forwards only role and content: extra keys (name, tool calls...) that a
     # template might render must not reach training either.
     history = [{"role": m["role"], "content": m["content"]} for m in messages[:-1]]
+    if prompt_format(tokenizer) == RAW:
+        return "\n\n".join(m["content"] for m in history)
     text = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
     return str(text)
 
@@ -58,11 +107,11 @@ def prompt_ids(tokenizer: Any, messages: Messages) -> list[int]:
 
 
 def target_ids(tokenizer: Any, messages: Messages) -> list[int]:
-    """The target's tokens followed by eos: the server stops at eos, so the model must learn it."""
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos token: the model could never learn to stop")
+    """The target's tokens followed by the end-of-turn token: the server stops there, so
+    the model must learn it."""
+    end = end_of_turn_id(tokenizer)
     content = messages[-1]["content"]
-    return list(tokenizer(content, add_special_tokens=False)["input_ids"]) + [int(tokenizer.eos_token_id)]
+    return list(tokenizer(content, add_special_tokens=False)["input_ids"]) + [end]
 
 
 def pad_token_id(tokenizer: Any) -> int:

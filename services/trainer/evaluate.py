@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from llmesh.runtime.files import write_atomic
-from llmesh.services.trainer.encoding import IGNORE_INDEX, collate, encode, pad_token_id, prompt_ids
+from llmesh.services.trainer.encoding import IGNORE_INDEX, collate, encode, end_of_turn_id, pad_token_id, prompt_ids
 
-__all__ = ["Metrics", "rouge_l", "exact_match", "evaluate", "loss_curve_png"]
+__all__ = ["Metrics", "rouge_l", "exact_match", "evaluate", "held_out_loss", "loss_curve_png"]
 
 #: Perplexity is exp of at most this: exp(80) ~ 5.5e34 still fits the float32 of the
 #: Job/Adapter ``eval_metrics`` map, where a diverged run would otherwise report inf.
@@ -121,8 +121,10 @@ def _device(model: Any) -> Any:
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
-    """The ids model.py stops at: the tokenizer's eos and the generation config's."""
-    ids: set[int] = set()
+    """The ids model.py stops at: the tokenizer's eos and the generation config's, and the
+    end-of-turn token training appends (the same one for ChatML; Llama 3 lists it in its
+    generation config)."""
+    ids: set[int] = {end_of_turn_id(tokenizer)}
     config = getattr(model, "generation_config", None)
     for src in (tokenizer.eos_token_id, getattr(config, "eos_token_id", None)):
         if isinstance(src, int):
@@ -221,6 +223,33 @@ def evaluate(
         exact_match=sum(map(exact_match, predictions, references)) / len(examples),
         examples=len(examples),
     )
+
+
+def held_out_loss(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Sequence[dict[str, Any]]],
+    *,
+    max_length: int = 512,
+    batch_size: int = 8,
+) -> float:
+    """Teacher-forced loss per response token (no generation: cheap enough to run every
+    few steps for early stopping); the model's train/eval mode is restored afterwards."""
+    import torch
+
+    if not examples:
+        raise ValueError("no examples to evaluate")
+    was_training = model.training
+    model.eval()
+    loss_sum, tokens = 0.0, 0
+    try:
+        with torch.no_grad():  # not inference_mode: see evaluate()
+            for batch in _batches(examples, batch_size):
+                s, n = _loss_sum(model, tokenizer, batch, max_length)
+                loss_sum, tokens = loss_sum + s, tokens + n
+    finally:
+        model.train(was_training)
+    return loss_sum / max(tokens, 1)
 
 
 # --------------------------------------------------------------------------- plot

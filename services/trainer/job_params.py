@@ -1,12 +1,65 @@
-"""The hyperparameters a training job runs with: range checks and what this host can run."""
+"""The hyperparameters a training job runs with: the request's explicit values, the rest
+chosen for the data (``plan``), range checks and what this host can run."""
 
 from __future__ import annotations
 
 import functools
 from typing import Any
 
+from llmesh.pb.trainer.v1 import trainer_pb2 as pb
 from llmesh.runtime.errors import FailedPrecondition, InvalidArgument
-from llmesh.services.trainer import registry
+from llmesh.services.trainer import plan, registry
+
+MODES = {pb.TRAINING_MODE_MEMORISE: plan.MEMORISE, pb.TRAINING_MODE_GENERALISE: plan.GENERALISE}
+MODE_PB = {v: k for k, v in MODES.items()}
+
+
+def precheck(req: pb.CreateJobRequest) -> None:
+    """What is wrong with the request whatever the dataset: the name, the mode, QLoRA."""
+    registry.check_name(req.adapter_name)
+    if req.mode not in MODES and req.mode != pb.TRAINING_MODE_UNSPECIFIED:
+        raise InvalidArgument("mode", "unknown training mode")
+    if req.qlora and not qlora_possible():
+        raise FailedPrecondition("QLoRA needs a CUDA GPU and bitsandbytes; neither is available on this trainer")
+
+
+def requested(req: pb.CreateJobRequest) -> plan.Requested:
+    """The request's hyperparameters, None where unset (0): ``plan.choose`` fills those."""
+    return plan.Requested(
+        mode=MODES.get(req.mode),
+        epochs=req.epochs or None,
+        max_steps=req.max_steps,
+        learning_rate=req.learning_rate or None,
+        batch_size=req.batch_size or None,
+        rank=req.lora.rank or None,
+        alpha=req.lora.alpha or None,
+        max_length=req.max_length or None,
+    )
+
+
+def params_of(req: pb.CreateJobRequest, chosen: plan.Plan) -> dict[str, Any]:
+    """What the worker runs with (stored with the job as JSON): the plan's values and the
+    request's other fields."""
+    return {
+        "adapter_name": req.adapter_name,
+        "mode": chosen.mode,
+        "rank": chosen.rank,
+        "alpha": chosen.alpha,
+        "dropout": req.lora.dropout,
+        "target_modules": list(req.lora.target_modules),
+        "epochs": chosen.epochs,
+        "steps": chosen.steps,
+        "max_steps": req.max_steps,
+        "learning_rate": chosen.learning_rate,
+        "batch_size": chosen.batch_size,
+        "max_length": chosen.max_length,
+        "seed": req.seed,
+        "response_only_loss": req.response_only_loss if req.HasField("response_only_loss") else True,
+        "qlora": req.qlora,
+        "min_improvement": req.min_improvement,
+        "plan": chosen.as_dict(),
+        "summary": chosen.summary(),
+    }
 
 
 def check(params: dict[str, Any]) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmesh.adapter_store import ANNOUNCEMENT, DEFAULT_ALIAS, folder
+from llmesh.adapter_store import ANNOUNCEMENT, DEFAULT_ALIAS, PROMPT_FORMATS, folder
 from llmesh.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 from llmesh.runtime.files import publish_dir, write_atomic
 from llmesh.runtime.sqlite import transaction
@@ -93,8 +93,12 @@ def register(
     tuned_eval: dict[str, Any],
     min_improvement: float,
     created_by: str,
+    prompt_format: str = "chat",
 ) -> int:
-    """Publish the adapter in ``staged`` as the next version of ``name``."""
+    """Publish the adapter in ``staged`` as the next version of ``name``; ``prompt_format``
+    ("chat" or "raw") is what it was trained with, announced for serving."""
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"unknown prompt format {prompt_format!r}")
     store.mkdir(parents=True, exist_ok=True)
     with transaction(conn):
         row = conn.execute("SELECT COALESCE(MAX(version), 0) AS v FROM adapters WHERE name = ?", (name,)).fetchone()
@@ -105,7 +109,8 @@ def register(
         try:
             conn.execute(
                 "INSERT INTO adapters(name, version, job_id, base_model, base_model_sha256, dataset_id, hyperparameters, "
-                "base_eval, tuned_eval, min_improvement, created_by, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                "base_eval, tuned_eval, min_improvement, created_by, created_at, prompt_format) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     name,
                     version,
@@ -119,6 +124,7 @@ def register(
                     min_improvement,
                     created_by,
                     time.time(),
+                    prompt_format,
                 ),
             )
         except BaseException:
@@ -254,8 +260,11 @@ def delete(conn: sqlite3.Connection, store: Path, ref: str) -> bool:
 def announce(conn: sqlite3.Connection, store: Path) -> None:
     """Rewrite ``registry.json`` (atomically) from the database."""
     doc: dict[str, dict[str, Any]] = {}
-    for row in conn.execute("SELECT name, version FROM adapters ORDER BY name, version"):
-        doc.setdefault(row["name"], {"versions": [], "aliases": {}})["versions"].append(row["version"])
+    for row in conn.execute("SELECT name, version, prompt_format FROM adapters ORDER BY name, version"):
+        entry = doc.setdefault(row["name"], {"versions": [], "aliases": {}})
+        entry["versions"].append(row["version"])
+        if row["prompt_format"] != "chat":  # the default: only the exceptions are announced
+            entry.setdefault("prompt_formats", {})[str(row["version"])] = row["prompt_format"]
     for row in conn.execute("SELECT name, alias, version FROM aliases"):
         doc.setdefault(row["name"], {"versions": [], "aliases": {}})["aliases"][row["alias"]] = row["version"]
     for row in conn.execute("SELECT name, alias, arms FROM splits"):

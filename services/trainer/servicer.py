@@ -24,7 +24,7 @@ from llmesh.pb.trainer.v1 import trainer_pb2_grpc as pb_grpc
 from llmesh.runtime.errors import InvalidArgument, NotFound
 from llmesh.runtime.identity import InternalIdentity
 from llmesh.runtime.sqlite import Database
-from llmesh.services.trainer import datasets, job_params, registry, store
+from llmesh.services.trainer import datasets, job_params, plan, registry, store
 from llmesh.services.trainer.intake import DatasetIntake, DatasetSpec, UploadBuffer, read_import
 
 # The servicer methods' context (request and response types vary per method).
@@ -67,11 +67,36 @@ def evaluation_pb(raw: str | None) -> pb.Evaluation | None:
         rouge_l=d["rouge_l"],
         exact_match=d["exact_match"],
         examples=d["examples"],
+        split=d.get("split", ""),
+    )
+
+
+def plan_pb(params: dict[str, Any]) -> pb.Plan | None:
+    """The job's plan (None for a job queued before plans existed)."""
+    if "plan" not in params:
+        return None
+    p = plan.Plan.from_dict(params["plan"])
+    return pb.Plan(
+        mode=job_params.MODE_PB[p.mode],
+        train_examples=p.train_examples,
+        held_out_examples=p.held_out_examples,
+        steps=p.steps,
+        epochs=p.epochs,
+        learning_rate=p.learning_rate,
+        rank=p.rank,
+        batch_size=p.batch_size,
+        eval_every_steps=p.eval_every_steps,
+        patience=p.patience,
+        pass_exact_match=p.pass_exact_match,
+        reason=p.reason,
+        prompt_format=params.get("prompt_format", ""),  # known once the worker loaded the tokenizer
     )
 
 
 def job_pb(row: sqlite3.Row) -> pb.Job:
     progress = json.loads(row["progress"] or "{}")
+    params = json.loads(row["params"])
+    outcome = json.loads(row["outcome"])  # written by the worker once evaluated
     return pb.Job(
         job_id=row["job_id"],
         state=STATES[row["state"]],
@@ -86,6 +111,9 @@ def job_pb(row: sqlite3.Row) -> pb.Job:
         created_at=ts(row["created_at"]),
         finished_at=ts(row["finished_at"]),
         created_by=row["created_by"],
+        plan=plan_pb(params),
+        passed=outcome.get("passed", False),
+        best_step=outcome.get("best_step", 0),
     )
 
 
@@ -104,6 +132,7 @@ def adapter_pb(conn: sqlite3.Connection, row: sqlite3.Row) -> pb.Adapter:
         tuned=evaluation_pb(row["tuned_eval"]),
         created_by=row["created_by"],
         created_at=ts(row["created_at"]),
+        prompt_format=row["prompt_format"],
     )
 
 
@@ -128,27 +157,6 @@ def dataset_spec(header: pb.DatasetHeader) -> DatasetSpec:
         eval_fraction=header.eval_fraction,
         seed=header.seed,
     )
-
-
-def job_params_of(req: pb.CreateJobRequest) -> dict[str, Any]:
-    """The request's hyperparameters with the proto's documented defaults for unset (0) fields."""
-    lora = req.lora
-    return {
-        "adapter_name": req.adapter_name,
-        "rank": lora.rank or 8,
-        "alpha": lora.alpha or 2.0 * (lora.rank or 8),
-        "dropout": lora.dropout,
-        "target_modules": list(lora.target_modules),
-        "epochs": req.epochs or 3,
-        "max_steps": req.max_steps,
-        "learning_rate": req.learning_rate or 2e-4,
-        "batch_size": req.batch_size or 8,
-        "max_length": req.max_length or 512,
-        "seed": req.seed,
-        "response_only_loss": req.response_only_loss if req.HasField("response_only_loss") else True,
-        "qlora": req.qlora,
-        "min_improvement": req.min_improvement,
-    }
 
 
 class TrainerServicer(pb_grpc.TrainerServicer):
@@ -200,7 +208,12 @@ class TrainerServicer(pb_grpc.TrainerServicer):
 
     # ---- jobs -------------------------------------------------------------------------
     async def CreateJob(self, request: pb.CreateJobRequest, context: Context) -> pb.Job:
-        params = job_params.check(job_params_of(request))
+        job_params.precheck(request)
+        ds = await self.db.call(lambda c: store.dataset_row(c, request.dataset_id))
+        if ds is None:
+            raise NotFound("dataset", request.dataset_id)
+        chosen = plan.choose(job_params.requested(request), ds["train_examples"], ds["eval_examples"])
+        params = job_params.check(job_params.params_of(request, chosen))
         job_id = "job_" + uuid.uuid4().hex[:16]
         who = self._caller(context)
         row = await self.db.call(lambda c: store.create_job(c, job_id, request.dataset_id, params, who))

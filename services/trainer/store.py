@@ -81,10 +81,21 @@ CREATE TABLE IF NOT EXISTS splits (
 );
 """
 
+# Version 2: the prompt format an adapter was trained with ("chat" or "raw"), announced
+# in registry.json so that serving applies the same; a job's outcome once evaluated
+# (passed, the step kept by early stopping).
+_V2 = """
+ALTER TABLE adapters ADD COLUMN prompt_format TEXT NOT NULL DEFAULT 'chat';
+ALTER TABLE jobs ADD COLUMN outcome TEXT NOT NULL DEFAULT '{}';
+"""
+
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
-MIGRATIONS: tuple[Migration, ...] = (Migration(1, "datasets, jobs, events, adapter registry", _V1),)
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "datasets, jobs, events, adapter registry", _V1),
+    Migration(2, "adapters.prompt_format, jobs.outcome", _V2),
+)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -170,7 +181,7 @@ def create_job(
             "VALUES (?, 'queued', ?, ?, ?, ?, ?)",
             (job_id, dataset_id, params["adapter_name"], json.dumps(params), created_by, time.time()),
         )
-        add_event(conn, job_id, "queued", "")
+        add_event(conn, job_id, "queued", params.get("summary", ""))
     return job_row(conn, job_id)
 
 

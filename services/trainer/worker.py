@@ -74,6 +74,47 @@ class Interrupted(Exception):
     pass
 
 
+class EarlyStop:
+    """Generalise mode: held-out loss every ``every`` steps; stop after ``patience``
+    evaluations without improvement, keeping the adapter weights of the best one."""
+
+    def __init__(self, every: int, patience: int) -> None:
+        self.every, self.patience = every, patience
+        self.best_loss = math.inf
+        self.best_step = 0
+        self.misses = 0
+        self.best: dict[str, Any] | None = None  # the trainable (LoRA) tensors at best_step
+        self.evals: list[list[float]] = []  # [step, held-out loss]
+
+    def due(self, step: int, total: int) -> bool:
+        return self.every > 0 and (step % self.every == 0 or step == total)
+
+    def record(self, step: int, loss: float, model: Any) -> bool:
+        """Note the held-out loss at ``step``; True when training should stop."""
+        from peft import get_peft_model_state_dict
+
+        self.evals.append([step, loss])
+        if loss < self.best_loss:
+            self.best_loss, self.best_step, self.misses = loss, step, 0
+            self.best = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+        else:
+            self.misses += 1
+        return self.patience > 0 and self.misses >= self.patience
+
+    def restore_best(self, model: Any) -> None:
+        from peft import set_peft_model_state_dict
+
+        if self.best is not None:
+            set_peft_model_state_dict(model, self.best)
+
+    def state(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("best_loss", "best_step", "misses", "best", "evals")}
+
+    def load(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
 class Job:
     """The running job's view of the database."""
 
@@ -99,7 +140,7 @@ class Job:
 
 
 def _save_checkpoint(
-    path: Path, model: Any, optimizer: Any, scheduler: Any, step: int, losses: list[list[float]]
+    path: Path, model: Any, optimizer: Any, scheduler: Any, step: int, losses: list[list[float]], stopper: EarlyStop
 ) -> None:
     import torch
 
@@ -114,6 +155,7 @@ def _save_checkpoint(
             "scheduler": scheduler.state_dict(),
             "step": step,
             "losses": losses,
+            "early_stop": stopper.state(),
             "torch_rng": torch.get_rng_state(),
             "python_rng": random.getstate(),
         },
@@ -130,8 +172,9 @@ def train(cfg: Any, job: Job) -> None:
     from llmesh.adapter_store import folder
     from llmesh.services.trainer import registry
     from llmesh.services.trainer.datasets import from_jsonl
-    from llmesh.services.trainer.encoding import collate, encode
-    from llmesh.services.trainer.evaluate import evaluate, loss_curve_png
+    from llmesh.services.trainer.encoding import collate, encode, prompt_format
+    from llmesh.services.trainer.evaluate import evaluate, held_out_loss, loss_curve_png
+    from llmesh.services.trainer.plan import GENERALISE, MEMORISE
 
     p = job.params
     work = cfg.trainer_dir / "jobs" / job.id
@@ -139,14 +182,23 @@ def train(cfg: Any, job: Job) -> None:
     data_dir = cfg.trainer_dir / "datasets" / job.row["dataset_id"]
     train_set = [ex.as_dicts() for ex in from_jsonl((data_dir / "train.jsonl").read_bytes())]
     eval_set = [ex.as_dicts() for ex in from_jsonl((data_dir / "eval.jsonl").read_bytes())]
+    mode = p.get("mode", GENERALISE)  # jobs queued before plans existed trained and evaluated on the split
+    if mode == MEMORISE:  # every row is trained on, and the evaluation is their reproduction
+        train_set = eval_set = train_set + eval_set
+    split = "train" if mode == MEMORISE else "held_out"
     torch.manual_seed(p["seed"])
     random.seed(p["seed"])
 
     base_path = str(cfg.llm_path)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
+    if p.get("prompt_format") != prompt_format(tokenizer):
+        p["prompt_format"] = prompt_format(tokenizer)
+        job.update(params=p)
     base = load_base(base_path, qlora=p["qlora"])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoded = [encode(tokenizer, m, p["max_length"], p["response_only_loss"]) for m in train_set]
+    plan = p.get("plan", {})
+    stopper = EarlyStop(plan.get("eval_every_steps", 0), plan.get("patience", 0))
 
     checkpoint = work / "checkpoint"
     resumed = checkpoint.is_dir()
@@ -169,7 +221,7 @@ def train(cfg: Any, job: Job) -> None:
     device = params[0].device
     optimizer = torch.optim.AdamW(params, lr=p["learning_rate"], weight_decay=0.0)
     per_epoch = math.ceil(len(encoded) / p["batch_size"])
-    total = per_epoch * p["epochs"]
+    total = p.get("steps") or per_epoch * p["epochs"]
     if p["max_steps"]:
         total = min(total, p["max_steps"])
     scheduler = get_linear_schedule_with_warmup(optimizer, min(10, total // 10), total)  # type: ignore[no-untyped-call]  # unannotated in transformers
@@ -179,6 +231,7 @@ def train(cfg: Any, job: Job) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, losses = state["step"], state["losses"]
+        stopper.load(state.get("early_stop", {}))
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
         job.update(("resumed", f"from the checkpoint at step {step}"))
@@ -186,7 +239,8 @@ def train(cfg: Any, job: Job) -> None:
         job.update(
             (
                 "started",
-                f"{len(encoded)} examples, {total} steps, LoRA r={p['rank']} on {', '.join(p['target_modules'])}",
+                f"{len(encoded)} examples ({p['prompt_format']} prompts), {total} steps, "
+                f"LoRA r={p['rank']} on {', '.join(p['target_modules'])}",
             )
         )
 
@@ -226,37 +280,81 @@ def train(cfg: Any, job: Job) -> None:
             if job.cancelled():
                 job.update(("cancelled", f"cancelled at step {step}"), state="cancelled", finished_at=time.time())
                 return
+        early_stop = False
+        if stopper.due(step, total):
+            held = held_out_loss(model, tokenizer, eval_set, max_length=p["max_length"])
+            early_stop = stopper.record(step, held, model)
+            job.update(
+                (
+                    "checked",
+                    f"step {step}: held-out loss {held:.4f} (best {stopper.best_loss:.4f} at step {stopper.best_step})",
+                )
+            )
         if step % cfg.trainer.checkpoint_every_steps == 0 or stop["term"]:
-            _save_checkpoint(checkpoint, model, optimizer, scheduler, step, losses)
+            _save_checkpoint(checkpoint, model, optimizer, scheduler, step, losses, stopper)
         if stop["term"]:
             raise Interrupted(f"stopped at step {step} (checkpointed)")
+        if early_stop:
+            job.update(
+                (
+                    "stopped",
+                    f"early stopping at step {step}: {stopper.misses} evaluations without held-out improvement; "
+                    f"keeping step {stopper.best_step}",
+                )
+            )
+            break
+    stopper.restore_best(model)
 
     limit = cfg.trainer.eval_generate_limit
+    evaluated = eval_set[:limit]
+    # An answer longer than its reference plus a margin cannot match it exactly: no point generating on.
+    new_tokens = min(128, max(len(tokenizer(m[-1]["content"])["input_ids"]) for m in evaluated) + 16)
     with model.disable_adapter():
-        base_metrics = evaluate(model, tokenizer, eval_set[:limit], max_length=p["max_length"], max_new_tokens=128)
-    tuned_metrics = evaluate(model, tokenizer, eval_set[:limit], max_length=p["max_length"], max_new_tokens=128)
-    job.update(
-        ("evaluated", f"ROUGE-L base {base_metrics.rouge_l:.3f} → adapter {tuned_metrics.rouge_l:.3f}"),
-        base_eval=asdict(base_metrics),
-        tuned_eval=asdict(tuned_metrics),
-    )
+        base_metrics = evaluate(model, tokenizer, evaluated, max_length=p["max_length"], max_new_tokens=new_tokens)
+    tuned_metrics = evaluate(model, tokenizer, evaluated, max_length=p["max_length"], max_new_tokens=new_tokens)
+    base_eval = asdict(base_metrics) | {"split": split}
+    tuned_eval = asdict(tuned_metrics) | {"split": split}
+    n = tuned_metrics.examples
+    if mode == MEMORISE:
+        threshold = plan.get("pass_exact_match", 0.0)
+        passed = tuned_metrics.exact_match >= threshold
+        verdict = (
+            f"reproduced {round(tuned_metrics.exact_match * n)}/{n} training answers exactly "
+            f"(base {round(base_metrics.exact_match * n)}/{n}): {'pass' if passed else 'FAIL'} "
+            f"(needs {threshold:.0%})"
+        )
+    else:
+        passed = tuned_metrics.loss < base_metrics.loss
+        verdict = (
+            f"held-out loss base {base_metrics.loss:.3f} → adapter {tuned_metrics.loss:.3f}, "
+            f"ROUGE-L {base_metrics.rouge_l:.3f} → {tuned_metrics.rouge_l:.3f} on {n} held-out rows"
+        )
+    outcome = {"passed": passed, "best_step": stopper.best_step, "steps_run": step}
+    job.update(("evaluated", verdict), base_eval=base_eval, tuned_eval=tuned_eval, outcome=outcome)
 
     staged = work / "staged"
     shutil.rmtree(staged, ignore_errors=True)
     model.save_pretrained(staged)
+    figure = (
+        f"reproduced {tuned_metrics.exact_match:.0%} of training answers"
+        if mode == MEMORISE
+        else f"held-out loss {base_metrics.loss:.2f} → {tuned_metrics.loss:.2f}"
+    )
     loss_curve_png(
         [(s, v) for s, v in losses],
-        [(step, tuned_metrics.loss)],
+        [(int(s), v) for s, v in stopper.evals] or [(step, tuned_metrics.loss)],
         staged / "loss.png",
-        f"{p['adapter_name']} ({job.id})",
+        f"{p['adapter_name']} ({job.id}): {figure}",
     )
     lineage = {
         "job_id": job.id,
         "base_model": base_path,
         "dataset_id": job.row["dataset_id"],
+        "prompt_format": p["prompt_format"],
         "hyperparameters": p,
-        "base": asdict(base_metrics),
-        "tuned": asdict(tuned_metrics),
+        "base": base_eval,
+        "tuned": tuned_eval,
+        "outcome": outcome,
     }
     (staged / "lineage.json").write_text(json.dumps(lineage, indent=1, ensure_ascii=False))
     version = registry.register(
@@ -268,11 +366,12 @@ def train(cfg: Any, job: Job) -> None:
         base_model=base_path,
         base_sha=registry.model_fingerprint(cfg.llm_path),
         dataset_id=job.row["dataset_id"],
-        hyperparameters={k: str(v) for k, v in p.items()},
-        base_eval=asdict(base_metrics),
-        tuned_eval=asdict(tuned_metrics),
+        hyperparameters={k: str(v) for k, v in p.items() if k not in ("plan", "summary")},
+        base_eval=base_eval,
+        tuned_eval=tuned_eval,
         min_improvement=p["min_improvement"],
         created_by=job.row["created_by"],
+        prompt_format=p["prompt_format"],
     )
     ref = folder(p["adapter_name"], version)
     job.update(("succeeded", f"published {ref}"), state="succeeded", adapter_ref=ref, finished_at=time.time())

@@ -15,6 +15,9 @@ from llmesh.runtime.errors import NotFound
 
 ANNOUNCEMENT = "registry.json"
 DEFAULT_ALIAS = "live"
+#: How an adapter's training prompts were built: the chat template around them (the
+#: default), or the text as it is. Serving sends the prompt the same way.
+PROMPT_FORMATS = ("chat", "raw")
 
 
 def folder(name: str, version: int) -> str:
@@ -63,6 +66,17 @@ class Announced:
                 raise NotFound("adapter", ref)
             version = max(entry["versions"])
         return folder(name, int(version))
+
+    def prompt_format(self, resolved: str) -> str:
+        """``chat`` or ``raw``: the prompt format the adapter ``resolved`` (a folder name as
+        :meth:`resolve` returns it, ``name@vN``) was trained with. Versions the registry
+        does not announce as raw, and folders it does not know, are ``chat``."""
+        name, _, tag = resolved.partition("@")
+        entry = self._load().get(name)
+        if entry is None or not re.fullmatch(r"v[0-9]+", tag):
+            return "chat"
+        fmt = entry.get("prompt_formats", {}).get(tag[1:], "chat")
+        return fmt if fmt in PROMPT_FORMATS else "chat"
 
 
 def pick_arm(arms: list[list[float]], key: str) -> int:

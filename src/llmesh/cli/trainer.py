@@ -29,6 +29,8 @@ if TYPE_CHECKING:  # the generated modules load when a command runs: --help stay
 adapters_app = typer.Typer(
     help="The adapter registry: versions, aliases, lineage and evaluation.", no_args_is_help=True
 )
+jobs_app = typer.Typer(help="Training jobs: what each chose, its progress and evaluation.", no_args_is_help=True)
+MODES = ("auto", "memorise", "generalise")
 
 
 def stub(cfg: MeshConfig, access: Access) -> pb_grpc.TrainerStub:
@@ -46,11 +48,14 @@ def train(
         Path, typer.Argument(help="Dataset file: alpaca JSON/JSONL, chat/sharegpt JSONL, CSV or TSV pairs.")
     ],
     name: Annotated[str, typer.Option(help="Adapter name in the registry (the version is assigned).")],
-    epochs: Annotated[int, typer.Option()] = 3,
-    learning_rate: Annotated[float, typer.Option("--lr")] = 2e-4,
-    rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
-    batch_size: Annotated[int, typer.Option()] = 8,
-    max_steps: Annotated[int, typer.Option(help="Stop after this many steps (0: epochs decide).")] = 0,
+    mode: Annotated[
+        str, typer.Option(help="memorise (learn the answers), generalise (held-out early stopping) or auto.")
+    ] = "auto",
+    epochs: Annotated[int, typer.Option(help="0: chosen for the data.")] = 0,
+    learning_rate: Annotated[float, typer.Option("--lr", help="0: chosen for the data.")] = 0.0,
+    rank: Annotated[int, typer.Option(help="LoRA rank (0: chosen for the data).")] = 0,
+    batch_size: Annotated[int, typer.Option(help="0: chosen for the data.")] = 0,
+    max_steps: Annotated[int, typer.Option(help="Stop after this many steps (0: no limit).")] = 0,
     eval_fraction: Annotated[float, typer.Option(help="Held out for evaluation.")] = 0.1,
     min_improvement: Annotated[float, typer.Option(help="ROUGE-L gain over the base required to promote.")] = 0.0,
     seed: Annotated[int, typer.Option()] = 0,
@@ -60,10 +65,16 @@ def train(
     local: LocalOpt = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Upload DATASET and start a LoRA job producing NAME@vN."""
+    """Upload DATASET and start a LoRA job producing NAME@vN.
+
+    Options left at 0 are chosen for the data: fewer than 50 rows are memorised (every row
+    trained on, pass = 90% of the answers reproduced exactly), larger sets generalise (10%
+    held out, early stopping). The job says what it chose and why."""
     from llmesh.client.trainer import upload, watch
     from llmesh.pb.trainer.v1 import trainer_pb2 as pb
 
+    if mode not in MODES:
+        fail(f"--mode must be one of {', '.join(MODES)}", 2)
     if not dataset.is_file():
         fail(f"file not found: {dataset}" if not dataset.exists() else f"not a file: {dataset}", 2)
     trainer = client(config, gateway, api_key_file, local)
@@ -83,15 +94,36 @@ def train(
             batch_size=batch_size,
             seed=seed,
             min_improvement=min_improvement,
+            mode=pb.TrainingMode.Value(f"TRAINING_MODE_{mode.upper()}") if mode != "auto" else 0,
         ),
         timeout=30,
     )
     print(f"job_id={job.job_id}")
+    print_plan(job)
     if watch_job:
         job = watch(trainer, job.job_id, console)
         print_job(job)
         if job.state != pb.JOB_STATE_SUCCEEDED:
             raise typer.Exit(1)
+
+
+def print_plan(job: pb.Job) -> None:
+    """What the job chose for the data, and why (one line of values, one of reasons)."""
+    from llmesh.pb.trainer.v1 import trainer_pb2 as pb
+
+    if not job.HasField("plan"):
+        return
+    p = job.plan
+    split = f"{p.held_out_examples} held out" if p.held_out_examples else "no held-out split"
+    stopping = f", early stopping after {p.patience} evaluations" if p.patience else ""
+    fmt = f", {p.prompt_format} prompts" if p.prompt_format else ""
+    console.print(
+        f"plan: {pb.TrainingMode.Name(p.mode).removeprefix('TRAINING_MODE_').lower()}: {p.steps} steps "
+        f"({p.epochs} epochs) over {p.train_examples} rows, {split}{stopping}; lr {p.learning_rate:g}, "
+        f"LoRA r={p.rank}, batch {p.batch_size}{fmt}",
+        markup=False,
+    )
+    console.print(f"  why: {p.reason}", markup=False)
 
 
 def print_job(job: pb.Job) -> None:
@@ -102,12 +134,66 @@ def print_job(job: pb.Job) -> None:
         f"{job.adapter or ''} {job.error or ''}"
     )
     if job.HasField("tuned"):
+        on = {"train": "training answers", "held_out": "held-out rows"}.get(job.tuned.split, "eval rows")
+        console.print(f"  evaluated on {job.tuned.examples} {on}")
         console.print(
             f"  base    ROUGE-L {job.base.rouge_l:.3f}  exact {job.base.exact_match:.3f}  loss {job.base.loss:.3f}"
         )
         console.print(
             f"  adapter ROUGE-L {job.tuned.rouge_l:.3f}  exact {job.tuned.exact_match:.3f}  loss {job.tuned.loss:.3f}"
         )
+        if job.plan.pass_exact_match:
+            n = job.tuned.examples
+            console.print(
+                f"  reproduced {round(job.tuned.exact_match * n)}/{n} answers exactly: "
+                f"{'pass' if job.passed else 'FAIL'} (needs {job.plan.pass_exact_match:.0%})"
+            )
+        if job.best_step:
+            console.print(f"  kept the adapter of step {job.best_step} (best held-out loss)")
+
+
+@jobs_app.command("show")
+def jobs_show(
+    job_id: str,
+    gateway: GatewayOpt = None,
+    api_key_file: ApiKeyFileOpt = None,
+    local: LocalOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """One job: its plan (what it chose and why), progress and evaluation."""
+    from llmesh.pb.trainer.v1 import trainer_pb2 as pb
+
+    job = client(config, gateway, api_key_file, local).GetJob(pb.GetJobRequest(job_id=job_id), timeout=10)
+    print_plan(job)
+    if job.progress.total_steps:
+        console.print(f"  step {job.progress.step}/{job.progress.total_steps}  loss {job.progress.loss:.4f}")
+    print_job(job)
+
+
+@jobs_app.command("list")
+def jobs_list(
+    gateway: GatewayOpt = None,
+    api_key_file: ApiKeyFileOpt = None,
+    local: LocalOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Recent jobs, newest first."""
+    from rich.table import Table
+
+    from llmesh.pb.trainer.v1 import trainer_pb2 as pb
+
+    r = client(config, gateway, api_key_file, local).ListJobs(pb.ListJobsRequest(), timeout=10)
+    table = Table("job", "state", "adapter", "mode", "steps", "exact match")
+    for j in r.jobs:
+        table.add_row(
+            j.job_id,
+            pb.JobState.Name(j.state).removeprefix("JOB_STATE_").lower(),
+            j.adapter or j.adapter_name,
+            pb.TrainingMode.Name(j.plan.mode).removeprefix("TRAINING_MODE_").lower() if j.HasField("plan") else "",
+            f"{j.progress.step}/{j.progress.total_steps}",
+            f"{j.tuned.exact_match:.3f}" if j.HasField("tuned") else "",
+        )
+    console.print(table)
 
 
 @adapters_app.command("list")
@@ -256,3 +342,4 @@ def adapters_split(
 def register(app: typer.Typer) -> None:
     app.command("train")(train)
     app.add_typer(adapters_app, name="adapters")
+    app.add_typer(jobs_app, name="jobs")
