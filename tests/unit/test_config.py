@@ -121,3 +121,34 @@ def test_masking_operators_are_checked_at_load() -> None:
         load_config(env={"LLMESH__GATEWAY__MASKING__EMAIL": "blur"})
     with pytest.raises(ConfigError, match=r"gateway\.masking.*unknown entity 'phone'"):
         load_config(env={"LLMESH__GATEWAY__MASKING__PHONE": "mask"})
+
+
+def test_the_real_lm_is_served_by_default_under_home_models(tmp_path: Path) -> None:
+    from llmesh.demo.catalog import DEFAULT_LM, TEST_LM
+
+    cfg = load_config(env={"LLMESH_HOME": str(tmp_path)})
+    assert cfg.triton.llm_model == DEFAULT_LM == "smollm2-135m-instruct"
+    assert cfg.llm_path == tmp_path.resolve() / "models" / DEFAULT_LM
+    tiny = load_config(env={"LLMESH_HOME": str(tmp_path), "LLMESH__TRITON__LLM_MODEL": TEST_LM})
+    assert tiny.llm_path == tmp_path.resolve() / "models" / "tiny-qwen2"
+
+
+def test_llm_path_overrides_the_named_model(tmp_path: Path) -> None:
+    cfg = load_config(env={"LLMESH__TRITON__LLM_PATH": str(tmp_path / "mine")})
+    assert cfg.llm_path == tmp_path / "mine"
+
+
+def test_an_unknown_llm_model_is_refused_naming_the_key_and_the_choices() -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(env={"LLMESH__TRITON__LLM_MODEL": "gpt-5"})
+    msg = str(e.value)
+    assert "triton.llm_model" in msg and "'gpt-5'" in msg
+    assert "smollm2-135m-instruct" in msg and "tiny-qwen2" in msg and "triton.llm_path" in msg
+
+
+def test_test_configs_serve_the_tiny_lm_by_config(tmp_path: Path) -> None:
+    from tests.support.sandbox import write_config
+
+    assert load_config(write_config(tmp_path), env={}).triton.llm_model == "tiny-qwen2"
+    real = load_config(write_config(tmp_path, llm_model=None), env={})
+    assert real.triton.llm_model == "smollm2-135m-instruct"
