@@ -85,7 +85,7 @@ def load_gguf(path: Path) -> tuple[Any, Any]:
     config = copy.deepcopy(loaded.config)
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")  # what makes save_pretrained refuse the model
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]  # unannotated in transformers
     result = model.load_state_dict(loaded.state_dict(), strict=False)
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     if set(result.missing_keys) - tied or result.unexpected_keys:
