@@ -9,6 +9,7 @@ numpy, torch, transformers and peft):
   llm_sampling   one row's next token      llm_kvcache   merging / pruning KV caches
   llm_text       tokens → text, stop strings, streamable deltas
   llm_adapters   LoRA adapters, LRU-bounded, loaded lazily from the adapter store
+  llm_quant      fp16/int8 packed Linear layers (parameter quantization: auto | fp16 | int8 | none)
   llm_responses  stream chunks, FINAL answers, error responses
   llm_errors     the error codes that cross the Triton boundary  llm_metrics  /metrics counters
 
@@ -30,8 +31,9 @@ from llm_adapters import AdapterCache
 from llm_batcher import Batcher
 from llm_errors import RequestError, invalid
 from llm_metrics import Metrics
+from llm_quant import quantize, resolve
 from llm_request import Row, parse
-from llm_responses import send_error
+from llm_responses import pace_streams, send_error
 
 
 def _parameters(config: dict[str, Any]) -> dict[str, str]:
@@ -50,6 +52,7 @@ class TritonPythonModel:
         cache_size = max(1, int(params.get("adapter_cache_size", "8") or 8))
         threads = max(1, int(params.get("threads", "2") or 2))
         max_queue = max(1, int(params.get("max_queue", "256") or 256))
+        pace_streams(float(params.get("stream_interval_ms", "0") or 0))
         torch.set_num_threads(threads)
         if "$" in self.model_path or not os.path.isdir(self.model_path):
             raise pb_utils.TritonModelException(f"model_path {self.model_path!r} is not a folder (set LLMESH_LLM_PATH)")
@@ -57,19 +60,26 @@ class TritonPythonModel:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         base: Any = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
         base.eval()
+        n_params = sum(p.numel() for p in base.parameters())
+        try:
+            quant = resolve(params.get("quantization", "auto"), n_params)
+        except ValueError as exc:
+            raise pb_utils.TritonModelException(str(exc)) from None
+        quantized = quantize(base, quant)
         self.max_positions = int(getattr(base.config, "max_position_embeddings", 2048))
         self.adapters = AdapterCache(base, adapter_dir, cache_size)
         self.engine = Batcher(
             base,
             self.tokenizer,
             self.adapters,
-            Metrics("llm"),
+            Metrics(str(config.get("name") or "llm")),
             max_rows=max(1, int(config.get("max_batch_size") or 16)),
             max_queue=max_queue,
         )
         pb_utils.Logger.log_info(
             f"llm: loaded {self.model_path} in {time.perf_counter() - t0:.2f}s "
             f"(vocab={base.config.vocab_size}, max_positions={self.max_positions}, threads={threads}, "
+            f"quantization={quant} ({quantized} layers of {n_params / 1e6:.1f}M params), "
             f"adapter_dir={adapter_dir}, adapter_cache_size={cache_size})"
         )
         self.engine.start(threads)
