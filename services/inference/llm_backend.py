@@ -16,9 +16,8 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
-import tritonclient.grpc.aio as triton
 from prometheus_client import Counter, Histogram
-from tritonclient.grpc import InferInput, InferRequestedOutput, InferResult
+from tritonclient.grpc import InferInput, service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from llmesh.runtime.channels import channel_options
@@ -31,7 +30,9 @@ from llmesh.runtime.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from llmesh.services.inference import triton_wire as wire
 from llmesh.services.inference.sampling import Sampling
+from llmesh.services.inference.triton_wire import InputValue
 
 ADAPTER_REQUESTS = Counter(
     "llmesh_adapter_requests_total", "Generations per adapter version (A/B arms) and outcome", ["adapter", "outcome"]
@@ -91,36 +92,42 @@ class Chunk:
     structured: str = ""  # last chunk of a constrained request: the model's structured_json
 
 
-def _tensor(name: str, value: object, dtype: str) -> InferInput:
-    np_type = {"BYTES": np.object_, "INT32": np.int32, "INT64": np.int64, "FP32": np.float32, "BOOL": np.bool_}[dtype]
-    arr = np.array([[value.encode() if isinstance(value, str) else value]], dtype=np_type)
-    t = InferInput(name, list(arr.shape), dtype)
-    t.set_data_from_numpy(arr)
-    return t
-
-
-def build_inputs(inp: GenerationInput, stream: bool) -> list[InferInput]:
+def input_values(inp: GenerationInput, stream: bool) -> list[InputValue]:
     """Always the full set of inputs, with neutral values for unset ones: Triton's
     dynamic batcher only batches requests that carry the same input names."""
     s = inp.sampling
     if inp.prompt is not None:
-        text = _tensor("prompt", inp.prompt, "BYTES")
+        text: InputValue = ("prompt", "BYTES", inp.prompt)
     else:
-        text = _tensor("messages_json", json.dumps(list(inp.messages or []), ensure_ascii=False), "BYTES")
+        text = ("messages_json", "BYTES", json.dumps(list(inp.messages or []), ensure_ascii=False))
     return [
         text,
-        _tensor("max_tokens", s.max_tokens, "INT32"),
-        _tensor("temperature", s.temperature, "FP32"),
-        _tensor("top_p", s.top_p, "FP32"),
-        _tensor("top_k", s.top_k, "INT32"),
-        _tensor("repetition_penalty", s.repetition_penalty, "FP32"),
-        _tensor("seed", -1 if s.seed is None else s.seed, "INT64"),  # negative: random
-        _tensor("stop_json", json.dumps(list(s.stop), ensure_ascii=False), "BYTES"),
-        _tensor("adapter", inp.adapter, "BYTES"),
-        _tensor("stream", stream, "BOOL"),
-        _tensor("raw", inp.raw, "BOOL"),
-        _tensor("response_format_json", inp.response_format, "BYTES"),
+        ("max_tokens", "INT32", s.max_tokens),
+        ("temperature", "FP32", s.temperature),
+        ("top_p", "FP32", s.top_p),
+        ("top_k", "INT32", s.top_k),
+        ("repetition_penalty", "FP32", s.repetition_penalty),
+        ("seed", "INT64", -1 if s.seed is None else s.seed),  # negative: random
+        ("stop_json", "BYTES", json.dumps(list(s.stop), ensure_ascii=False)),
+        ("adapter", "BYTES", inp.adapter),
+        ("stream", "BOOL", stream),
+        ("raw", "BOOL", inp.raw),
+        ("response_format_json", "BYTES", inp.response_format),
     ]
+
+
+_NP_TYPES = {"BYTES": np.object_, "INT32": np.int32, "INT64": np.int64, "FP32": np.float32, "BOOL": np.bool_}
+
+
+def build_inputs(inp: GenerationInput, stream: bool) -> list[InferInput]:
+    """The same inputs as tritonclient objects (for callers of tritonclient's API: the bench)."""
+    tensors = []
+    for name, dtype, value in input_values(inp, stream):
+        arr = np.array([[value.encode() if isinstance(value, str) else value]], dtype=_NP_TYPES[dtype])
+        t = InferInput(name, list(arr.shape), dtype)
+        t.set_data_from_numpy(arr)
+        tensors.append(t)
+    return tensors
 
 
 # The model's input names → the API's field names.
@@ -146,17 +153,26 @@ class ModelError:
     message: str
 
 
-def _string_output(result: InferResult, name: str) -> str | None:
-    arr = result.as_numpy(name)
-    return None if arr is None else str(arr.reshape(-1)[0].decode("utf-8"))
-
-
-def model_error_of(result: InferResult) -> ModelError | None:
-    """The error a response carries, None for a generation chunk."""
-    code = _string_output(result, "error_code")
+def model_error_of(out: dict[str, bytes]) -> ModelError | None:
+    """The error a response's outputs carry, None for a generation chunk."""
+    code = wire.string(out.get("error_code"))
     if not code:
         return None
-    return ModelError(code, _string_output(result, "error_field") or "", _string_output(result, "error_message") or "")
+    return ModelError(code, wire.string(out.get("error_field")) or "", wire.string(out.get("error_message")) or "")
+
+
+def chunk_of(out: dict[str, bytes]) -> Chunk | None:
+    """A generation chunk from a response's outputs; None for a flags-only final response."""
+    text = wire.string(out.get("text"))
+    if text is None:
+        return None
+    return Chunk(
+        text=text,
+        prompt_tokens=wire.int32(out.get("prompt_tokens")),
+        completion_tokens=wire.int32(out.get("completion_tokens")),
+        finish_reason=wire.string(out.get("finish_reason")) or "",
+        structured=wire.string(out.get("structured_json")) or "",
+    )
 
 
 # The model's error codes → domain errors. NOT_FOUND names the input whose value is missing
@@ -194,65 +210,63 @@ def map_error(exc: BaseException) -> LlmeshError:
 
 
 class LlmBackend:
+    """One channel to Triton; every generation is its own bidirectional stream call, so
+    cancelling it (the consumer stops, the caller's deadline passes) cancels exactly that
+    Triton request."""
+
     def __init__(self, address: str, model: str) -> None:
         self.address = address
         self.model = model
-        self._client = triton.InferenceServerClient(address, channel_args=channel_options() + _RECONNECT)
+        self._channel = grpc.aio.insecure_channel(address, options=channel_options() + _RECONNECT)
+        self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
 
     async def ready(self) -> None:
         """Raise Unavailable unless Triton is live and the model is loaded."""
         try:
-            if not await self._client.is_model_ready(self.model):
-                raise Unavailable(f"triton model '{self.model}' is not ready")
-        except InferenceServerException as e:
-            raise Unavailable(f"triton at {self.address}: {e.message()}") from e
+            reply = await self._stub.ModelReady(service_pb2.ModelReadyRequest(name=self.model), timeout=10)
+        except grpc.aio.AioRpcError as e:
+            raise Unavailable(f"triton at {self.address}: {e.details()}") from e
+        if not reply.ready:
+            raise Unavailable(f"triton model '{self.model}' is not ready")
 
     async def models(self) -> list[tuple[str, str, bool]]:
         try:
-            index = await self._client.get_model_repository_index(as_json=True)
-        except InferenceServerException as e:
-            raise Unavailable(f"triton at {self.address}: {e.message()}") from e
-        return [(m["name"], m.get("version", ""), m.get("state") == "READY") for m in index.get("models", [])]
+            index = await self._stub.RepositoryIndex(service_pb2.RepositoryIndexRequest(), timeout=10)
+        except grpc.aio.AioRpcError as e:
+            raise Unavailable(f"triton at {self.address}: {e.details()}") from e
+        return [(m.name, m.version, m.state == "READY") for m in index.models]
 
     async def stream(self, inp: GenerationInput, *, timeout: float, stream: bool = True) -> AsyncIterator[Chunk]:
         """Chunks from Triton; cancelling the consumer cancels the Triton request."""
-        request: dict[str, object] = {
-            "model_name": self.model,
-            "inputs": build_inputs(inp, stream),
-            "outputs": [InferRequestedOutput(n) for n in OUTPUTS],
-        }
-
-        async def requests() -> AsyncIterator[dict[str, object]]:
-            yield request
-
-        responses = self._client.stream_infer(requests(), stream_timeout=timeout)
+        request = wire.infer_request(self.model, input_values(inp, stream), OUTPUTS)
+        call = self._stub.ModelStreamInfer(timeout=timeout)
         started = time.perf_counter()
         try:
-            async for result, error in responses:
-                if error is not None:
-                    raise map_error(error)
-                failed = model_error_of(result)
+            await call.write(request)
+            await call.done_writing()
+            while True:
+                response = await call.read()
+                if response is grpc.aio.EOF:
+                    break
+                if response.error_message:
+                    raise map_error(InferenceServerException(msg=response.error_message))
+                out = wire.outputs(response.infer_response)
+                failed = model_error_of(out)
                 if failed is not None:  # the model refused or failed this request
                     raise model_error(failed, inp)
-                if result.as_numpy("text") is None:  # a flags-only final response
+                chunk = chunk_of(out)
+                if chunk is None:  # a flags-only final response
                     break
-                chunk = Chunk(
-                    text=result.as_numpy("text").reshape(-1)[0].decode("utf-8"),
-                    prompt_tokens=int(result.as_numpy("prompt_tokens").reshape(-1)[0]),
-                    completion_tokens=int(result.as_numpy("completion_tokens").reshape(-1)[0]),
-                    finish_reason=result.as_numpy("finish_reason").reshape(-1)[0].decode(),
-                    structured=_string_output(result, "structured_json") or "",
-                )
                 if chunk.finish_reason:  # recorded before the last yield: a consumer may stop here
                     _observe(inp.adapter, "ok", started)
                 yield chunk
                 if chunk.finish_reason:
                     return
-        except (grpc.aio.AioRpcError, InferenceServerException) as e:
+        except grpc.aio.AioRpcError as e:
             _observe(inp.adapter, "error", started)
             raise map_error(e) from e
         finally:
-            responses.cancel()
+            call.cancel()
         raise Unavailable("triton closed the stream before the final response")
 
     async def complete(self, inp: GenerationInput, *, timeout: float) -> Chunk:
@@ -263,4 +277,4 @@ class LlmBackend:
         raise Unavailable("triton returned no final response")
 
     async def close(self) -> None:
-        await self._client.close()
+        await self._channel.close()

@@ -54,6 +54,7 @@ class Row:
         self.generated: list[int] = []
         self.raw = bytearray()  # bytes of the generated text (special tokens excluded)
         self.emitted = ""  # text already streamed
+        self.delta_at = 0.0  # monotonic time of the last streamed delta (llm_responses pacing)
         self.text = ""  # final text
         self.finish: str | None = None  # set when the row is done
         self.finalized = False  # FINAL response sent

@@ -5,6 +5,7 @@ Every request gets exactly one FINAL response; `row.finalized` guards that.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -36,11 +37,30 @@ def _response(text: str, row: Row, finish: str) -> Any:
     return pb_utils.InferenceResponse(output_tensors=outputs)
 
 
+# Each response is a synchronous round trip from the decode thread to the Triton server,
+# then one gRPC message per hop to the client: when tokens come faster than this interval
+# (a small model, a full batch) a row's delta carries several tokens. Set from the model
+# parameter stream_interval_ms; 0 streams every token.
+_stream_interval_s = 0.0
+
+
+def pace_streams(interval_ms: float) -> None:
+    """At most one delta per row every ``interval_ms`` (the first is never held)."""
+    global _stream_interval_s
+    _stream_interval_s = max(0.0, interval_ms) / 1000.0
+
+
 def send_delta(row: Row, delta: str) -> None:
-    """A streamed text delta (not FINAL); row.emitted grows only if it was sent."""
+    """A streamed text delta (not FINAL), or nothing yet while the row is within its
+    stream interval: row.emitted grows only when a delta is sent, so the next delta
+    (update_text's text past row.emitted) or the FINAL carries the held text."""
+    now = time.monotonic()
+    if row.emitted and now - row.delta_at < _stream_interval_s:
+        return
     try:
         row.sender.send(_response(delta, row, ""))
         row.emitted += delta
+        row.delta_at = now
     except Exception as exc:
         pb_utils.Logger.log_warn(f"llm: could not stream: {exc}")
 
