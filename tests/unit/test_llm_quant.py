@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import pathlib
 import sys
 from typing import Any
@@ -16,8 +17,8 @@ from llmesh.demo.models import init_models  # noqa: E402
 from tests.support.sandbox import make_random_adapter  # noqa: E402
 from tests.support.triton_llm import model_folder  # noqa: E402
 
-sys.path.append(str(model_folder("llm")))
-import llm_quant  # noqa: E402
+sys.path.append(str(model_folder("llm")))  # as Triton's Python backend imports the model's modules
+llm_quant: Any = importlib.import_module("llm_quant")
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,7 @@ def test_lora_on_quantized_base_like_fp32(base: Any, lm_path: pathlib.Path, tmp_
 
     make_random_adapter(lm_path, tmp_path / "a", seed=1)
     make_random_adapter(lm_path, tmp_path / "b", seed=2)
-    models = {}
+    models: dict[str, Any] = {}
     for mode in ("none", "fp16"):
         m = copy.deepcopy(base)
         llm_quant.quantize(m, mode)

@@ -74,6 +74,7 @@ class QuantLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features).float()
+        y: torch.Tensor
         if self.mode == "fp16":  # weight-only: activations stay fp32
             y = torch.ops.quantized.linear_dynamic_fp16(flat, self._packed)
         else:
