@@ -33,7 +33,7 @@ def _bytes(s: str) -> bytes:
 
 
 def test_request_bytes_match_tritonclient() -> None:
-    inp = GenerationInput(Sampling(max_tokens=7, temperature=0.5, seed=3, stop=["。"]), prompt="如何重置密码?")
+    inp = GenerationInput(Sampling(max_tokens=7, temperature=0.5, seed=3, stop=("。",)), prompt="如何重置密码?")
     req = wire.infer_request("llm", input_values(inp, True), ["text"])
     theirs = build_inputs(inp, True)
     assert [t.name for t in req.inputs] == [t.name() for t in theirs]
