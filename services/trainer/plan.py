@@ -27,7 +27,7 @@ MEMORISE_BELOW = 50
 MEMORISE_MIN_STEPS = 150
 MEMORISE_MIN_EPOCHS = 3
 MEMORISE_LR = 1e-3
-MEMORISE_BATCH = 4
+MEMORISE_BATCH = 1
 #: Memorise: pass = at least this share of training answers reproduced exactly.
 PASS_EXACT_MATCH = 0.9
 

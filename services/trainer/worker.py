@@ -263,8 +263,18 @@ def train(cfg: Any, job: Job) -> None:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         losses.append([step, float(loss.item())])
+        early_stop = False
+        if stopper.due(step, total):
+            held = held_out_loss(model, tokenizer, eval_set, max_length=p["max_length"])
+            early_stop = stopper.record(step, held, model)
+            job.update(
+                (
+                    "checked",
+                    f"step {step}: held-out loss {held:.4f} (best {stopper.best_loss:.4f} at step {stopper.best_step})",
+                )
+            )
         now = time.monotonic()
-        if now - last_report > 0.5 or step == total:
+        if now - last_report > 0.5 or step == total or early_stop:
             last_report = now
             rate = (step - done_at_start) / max(1e-6, now - t0)
             progress = {
@@ -280,16 +290,6 @@ def train(cfg: Any, job: Job) -> None:
             if job.cancelled():
                 job.update(("cancelled", f"cancelled at step {step}"), state="cancelled", finished_at=time.time())
                 return
-        early_stop = False
-        if stopper.due(step, total):
-            held = held_out_loss(model, tokenizer, eval_set, max_length=p["max_length"])
-            early_stop = stopper.record(step, held, model)
-            job.update(
-                (
-                    "checked",
-                    f"step {step}: held-out loss {held:.4f} (best {stopper.best_loss:.4f} at step {stopper.best_step})",
-                )
-            )
         if step % cfg.trainer.checkpoint_every_steps == 0 or stop["term"]:
             _save_checkpoint(checkpoint, model, optimizer, scheduler, step, losses, stopper)
         if stop["term"]:

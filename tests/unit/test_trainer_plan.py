@@ -33,7 +33,8 @@ def choose(req: pb.CreateJobRequest, train: int, held_out: int) -> plan.Plan:
 def test_a_small_dataset_is_memorised_on_every_row_without_a_split() -> None:
     p = choose(pb.CreateJobRequest(adapter_name="faq"), 18, 2)  # the bundled FAQ, uploaded with 10% held out
     assert p.mode == plan.MEMORISE and p.train_examples == 20 and p.held_out_examples == 0
-    assert p.steps == max(plan.MEMORISE_MIN_STEPS, plan.MEMORISE_MIN_EPOCHS * 5)
+    per_epoch = -(-20 // plan.MEMORISE_BATCH)
+    assert p.steps == max(plan.MEMORISE_MIN_STEPS, plan.MEMORISE_MIN_EPOCHS * per_epoch) == 150
     assert (p.learning_rate, p.rank, p.batch_size) == (plan.MEMORISE_LR, plan.RANK, plan.MEMORISE_BATCH)
     assert p.patience == 0 and p.eval_every_steps == 0 and p.pass_exact_match == plan.PASS_EXACT_MATCH
     assert "20 rows < 50" in p.reason

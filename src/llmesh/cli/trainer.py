@@ -178,12 +178,14 @@ def jobs_list(
     config: ConfigOpt = None,
 ) -> None:
     """Recent jobs, newest first."""
-    from rich.table import Table
+    from rich.table import Column, Table
 
     from llmesh.pb.trainer.v1 import trainer_pb2 as pb
 
     r = client(config, gateway, api_key_file, local).ListJobs(pb.ListJobsRequest(), timeout=10)
-    table = Table("job", "state", "adapter", "mode", "steps", "exact match")
+    # The job id is what `jobs show` takes: never wrapped, so it can be copied whole.
+    job = Column("job", no_wrap=True, min_width=max((len(j.job_id) for j in r.jobs), default=3))
+    table = Table(job, "state", "adapter", "mode", "steps", "exact match")
     for j in r.jobs:
         table.add_row(
             j.job_id,
