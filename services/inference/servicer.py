@@ -96,12 +96,16 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def _generation_input(self, req: pb.GenerateRequest, context: Context) -> GenerationInput:
         which = req.WhichOneof("input")
         fmt = model_json(req.response_format)  # the request's own format wins over a template's
+        adapter = self._adapter(req.adapter, context)
+        # raw on request, or when the adapter was trained on raw prompts (no chat template)
+        raw = req.raw or (bool(adapter) and self.adapters.prompt_format(adapter) == "raw")
         if which == "prompt":
             return GenerationInput(
                 self._sampling(req.sampling),
                 prompt=self._text(req.prompt, "prompt"),
-                adapter=self._adapter(req.adapter, context),
+                adapter=adapter,
                 response_format=fmt,
+                raw=raw,
             )
         if which == "template":
             t = self.templates.get(req.template.name)
@@ -111,8 +115,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             return GenerationInput(
                 self._sampling(req.sampling, t.sampling),
                 prompt=prompt,
-                adapter=self._adapter(req.adapter, context),
+                adapter=adapter,
                 response_format=fmt,
+                raw=raw,
             )
         raise InvalidArgument("prompt", "set either prompt or template")
 

@@ -60,11 +60,10 @@ Demo models have random weights: text is noise until llm_path points at a real m
 (see README, "Real models"); the faq adapter above has memorised the bundled FAQ."""
 
 DEMO_SCOPES = ["inference:*", "trainer:*"]
-# Enough for the ~1M-parameter demo LM to memorise the 20 FAQ pairs in seconds on a CPU
-# (the e2e trainer tests train with the same job).
-FAQ_JOB = trainer_pb2.CreateJobRequest(
-    lora=trainer_pb2.LoraConfig(rank=16), epochs=60, learning_rate=3e-3, batch_size=4, max_length=192, seed=1
-)
+# The trainer's defaults: 20 FAQ rows are memorised (150 steps, batch 1, lr 1e-3, LoRA r=16;
+# ~2 min of training on SmolLM2 on 2 cores). The tiny random test LM does not learn them
+# with these (tests/e2e/test_trainer.py trains it with explicit values).
+FAQ_JOB = trainer_pb2.CreateJobRequest(seed=1)
 PII_PROMPT = (
     "Hi, my phone is 13812348000 and my email is zhang.san@example.com. I forgot my VPN password, what should I do?"
 )
