@@ -94,7 +94,9 @@ def train(
             batch_size=batch_size,
             seed=seed,
             min_improvement=min_improvement,
-            mode=pb.TrainingMode.Value(f"TRAINING_MODE_{mode.upper()}") if mode != "auto" else 0,
+            mode=pb.TrainingMode.Value(
+                f"TRAINING_MODE_{mode.upper()}" if mode != "auto" else "TRAINING_MODE_UNSPECIFIED"
+            ),
         ),
         timeout=30,
     )
