@@ -106,7 +106,7 @@ class LLGuidance:
 
     def __init__(self, tok: Any, vocab: int) -> None:
         _model_modules()
-        import llm_constraints
+        import llm_constraints  # type: ignore[import-not-found]  # the llm model's folder, put on sys.path at run time as Triton does
 
         self.grammars = llm_constraints.Grammars(tok)
         self.grammars.lltokenizer()
@@ -128,10 +128,10 @@ class OutlinesCore:
     name = "outlines-core"
 
     def __init__(self, tok: Any, vocab: int) -> None:
-        import outlines_core
+        import outlines_core  # type: ignore[import-untyped]  # optional bench engine, untyped
 
         _model_modules()
-        from llm_text import token_bytes
+        from llm_text import token_bytes  # type: ignore[import-not-found]  # (the model folder, on sys.path)
 
         self.oc = outlines_core
         self.eos = int(tok.eos_token_id)
@@ -171,8 +171,8 @@ class FormatEnforcer:
     name = "lm-format-enforcer"
 
     def __init__(self, tok: Any, vocab: int) -> None:
-        from lmformatenforcer import JsonSchemaParser, RegexParser, TokenEnforcer
-        from lmformatenforcer.tokenenforcer import TokenEnforcerTokenizerData
+        from lmformatenforcer import JsonSchemaParser, RegexParser, TokenEnforcer  # type: ignore[import-untyped]  # optional bench engine, untyped
+        from lmformatenforcer.tokenenforcer import TokenEnforcerTokenizerData  # type: ignore[import-untyped]  # (same)
 
         # its transformers integration does not import with transformers 5.x: built by hand
         _model_modules()
@@ -221,7 +221,7 @@ class XGrammar:
     name = "xgrammar"
 
     def __init__(self, tok: Any, vocab: int) -> None:
-        import xgrammar
+        import xgrammar  # type: ignore[import-not-found]  # optional: measured from a --target folder
 
         self.xgr = xgrammar
         self.vocab_n = vocab
@@ -301,7 +301,8 @@ def model_step_ms(path: Path, steps: int = 20) -> float:
     """One decode step of the real model at batch 1 (KV cache), median ms."""
     from transformers import AutoModelForCausalLM
 
-    lm: Any = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    lm: Any = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    lm.eval()
     times = []
     with torch.inference_mode():
         out = lm(input_ids=torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]]), use_cache=True)

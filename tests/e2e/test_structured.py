@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
-import jsonschema
+import jsonschema  # type: ignore[import-untyped]  # no stubs in the pinned set
 import pytest
 
 from llmesh.client import ApiKey, describe_error, gateway_channel, sampling

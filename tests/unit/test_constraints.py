@@ -43,10 +43,10 @@ def lm_path(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
 @pytest.fixture(scope="module")
 def mods(lm_path: pathlib.Path) -> Any:
     load_module("llm")  # the model's modules, imported as Triton does (fake utils)
-    import llm_constraints
-    import llm_errors
-    import llm_request
-    import llm_sampling
+    import llm_constraints  # type: ignore[import-not-found]  # the llm model's folder, put on sys.path at run time as Triton does
+    import llm_errors  # type: ignore[import-not-found]  # (same)
+    import llm_request  # type: ignore[import-not-found]  # (same)
+    import llm_sampling  # type: ignore[import-not-found]  # (same)
 
     return llm_constraints, llm_errors, llm_request, llm_sampling
 
