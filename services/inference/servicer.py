@@ -100,26 +100,17 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         # raw on request, or when the adapter was trained on raw prompts (no chat template)
         raw = req.raw or (bool(adapter) and self.adapters.prompt_format(adapter) == "raw")
         if which == "prompt":
-            return GenerationInput(
-                self._sampling(req.sampling),
-                prompt=self._text(req.prompt, "prompt"),
-                adapter=adapter,
-                response_format=fmt,
-                raw=raw,
-            )
-        if which == "template":
+            sampling = self._sampling(req.sampling)
+            prompt = self._text(req.prompt, "prompt")
+        elif which == "template":
             t = self.templates.get(req.template.name)
             prompt = self._text(t.render(req.template.variables), "template.variables")
+            sampling = self._sampling(req.sampling, t.sampling)
             if not fmt and (tf := t.format_for(req.template.variables)) is not None:
                 fmt = model_json(tf, "template")
-            return GenerationInput(
-                self._sampling(req.sampling, t.sampling),
-                prompt=prompt,
-                adapter=adapter,
-                response_format=fmt,
-                raw=raw,
-            )
-        raise InvalidArgument("prompt", "set either prompt or template")
+        else:
+            raise InvalidArgument("prompt", "set either prompt or template")
+        return GenerationInput(sampling, prompt=prompt, adapter=adapter, response_format=fmt, raw=raw)
 
     def _timeout(self, context: Context) -> float:
         return remaining_timeout(context, self.cfg.default_timeout_s)
