@@ -128,7 +128,7 @@ class OutlinesCore:
     name = "outlines-core"
 
     def __init__(self, tok: Any, vocab: int) -> None:
-        import outlines_core  # type: ignore[import-untyped]  # optional bench engine, untyped
+        import outlines_core  # optional bench engine (pyproject: untyped or absent)
 
         _model_modules()
         from llm_text import token_bytes  # type: ignore[import-not-found]  # (the model folder, on sys.path)
@@ -171,8 +171,8 @@ class FormatEnforcer:
     name = "lm-format-enforcer"
 
     def __init__(self, tok: Any, vocab: int) -> None:
-        from lmformatenforcer import JsonSchemaParser, RegexParser, TokenEnforcer  # type: ignore[import-untyped]  # optional bench engine, untyped
-        from lmformatenforcer.tokenenforcer import TokenEnforcerTokenizerData  # type: ignore[import-untyped]  # (same)
+        from lmformatenforcer import JsonSchemaParser, RegexParser, TokenEnforcer  # optional bench engine
+        from lmformatenforcer.tokenenforcer import TokenEnforcerTokenizerData
 
         # its transformers integration does not import with transformers 5.x: built by hand
         _model_modules()
@@ -221,7 +221,7 @@ class XGrammar:
     name = "xgrammar"
 
     def __init__(self, tok: Any, vocab: int) -> None:
-        import xgrammar  # type: ignore[import-not-found]  # optional: measured from a --target folder
+        import xgrammar  # optional: measured from a --target folder
 
         self.xgr = xgrammar
         self.vocab_n = vocab
