@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from llmesh.client import ApiKey, gateway_channel, local_channel, sampling
+from llmesh.demo.job import RANDOM_LM_FAQ_JOB
 from llmesh.demo.models import faq_pairs
 from llmesh.pb.inference.v1 import inference_pb2 as ipb
 from llmesh.pb.inference.v1 import inference_pb2_grpc as igrpc
@@ -27,11 +28,6 @@ from tests.support.mesh import Mesh
 from tests.support.tickets import ticket_rows
 
 FAQ = json.dumps(faq_pairs(), ensure_ascii=False).encode()
-# The tiny random test LM is no real model: the defaults (chosen on SmolLM2) do not make
-# it memorise the FAQ, these explicit values do (and explicit values win over the plan).
-TINY_FAQ_JOB = pb.CreateJobRequest(
-    lora=pb.LoraConfig(rank=16), epochs=60, learning_rate=3e-3, batch_size=4, max_length=192, seed=1
-)
 
 
 def job_request(template: pb.CreateJobRequest, dataset_id: str, adapter_name: str) -> pb.CreateJobRequest:
@@ -90,7 +86,8 @@ def test_train_evaluate_publish_and_serve_through_the_gateway(
     assert (
         upload(trainer, FAQ, "again.json", eval_fraction=0.1, seed=3).dataset_id == ds.dataset_id
     )  # content-addressed
-    job = trainer.CreateJob(job_request(TINY_FAQ_JOB, ds.dataset_id, "helpdesk"), timeout=30)
+    # the random test LM needs the demo's explicit values (the defaults are chosen on SmolLM2)
+    job = trainer.CreateJob(job_request(RANDOM_LM_FAQ_JOB, ds.dataset_id, "helpdesk"), timeout=30)
     # 20 rows: memorised, every row trained on (the 2 held out at upload too), explicit values kept
     plan = job.plan
     assert plan.mode == pb.TRAINING_MODE_MEMORISE and plan.train_examples == 20 and plan.held_out_examples == 0

@@ -23,6 +23,7 @@ from llmesh.client import (
 )
 from llmesh.client.trainer import upload, watch
 from llmesh.config import MeshConfig
+from llmesh.demo.catalog import TEST_LM
 from llmesh.pb.common.v1 import types_pb2
 from llmesh.pb.inference.v1 import inference_pb2 as pb
 from llmesh.pb.inference.v1 import inference_pb2_grpc as pb_grpc
@@ -61,9 +62,21 @@ Demo models have random weights: text is noise until llm_path points at a real m
 
 DEMO_SCOPES = ["inference:*", "trainer:*"]
 # The trainer's defaults: 20 FAQ rows are memorised (150 steps, batch 1, lr 1e-3, LoRA r=16;
-# ~2 min of training on SmolLM2 on 2 cores). The tiny random test LM does not learn them
-# with these (tests/e2e/test_trainer.py trains it with explicit values).
+# ~2 min of training on SmolLM2 on 2 cores).
 FAQ_JOB = trainer_pb2.CreateJobRequest(seed=1)
+# The random test LM (triton.llm_model: tiny-qwen2) learns nothing in 150 steps at lr 1e-3:
+# from random weights the FAQ takes a larger step size and more epochs (the e2e trainer
+# tests train it with these too).
+RANDOM_LM_FAQ_JOB = trainer_pb2.CreateJobRequest(
+    lora=trainer_pb2.LoraConfig(rank=16), epochs=60, learning_rate=3e-3, batch_size=4, max_length=192, seed=1
+)
+
+
+def faq_job(cfg: MeshConfig) -> trainer_pb2.CreateJobRequest:
+    """The FAQ job for the LM this mesh serves."""
+    return RANDOM_LM_FAQ_JOB if not cfg.triton.llm_path and cfg.triton.llm_model == TEST_LM else FAQ_JOB
+
+
 PII_PROMPT = (
     "Hi, my phone is 13812348000 and my email is zhang.san@example.com. I forgot my VPN password, what should I do?"
 )
@@ -133,7 +146,7 @@ def run_demo(cfg: MeshConfig, config_path: Path | None, timeout: float) -> int:
         )
         channel = gateway_channel(gateway, key)
         show(cfg, pb_grpc.InferenceStub(channel))
-        adapt(pb_grpc.InferenceStub(channel), trainer_pb2_grpc.TrainerStub(channel))
+        adapt(pb_grpc.InferenceStub(channel), trainer_pb2_grpc.TrainerStub(channel), faq_job(cfg))
         channel.close()
     except grpc.RpcError as e:
         console.print(f"[red]{describe_error(e)}[/red]")
@@ -156,7 +169,9 @@ def live_adapter(trainer: trainer_pb2_grpc.TrainerStub, name: str) -> trainer_pb
         return None
 
 
-def adapt(inference: pb_grpc.InferenceStub, trainer: trainer_pb2_grpc.TrainerStub) -> None:
+def adapt(
+    inference: pb_grpc.InferenceStub, trainer: trainer_pb2_grpc.TrainerStub, options: trainer_pb2.CreateJobRequest
+) -> None:
     """Train a LoRA adapter on the bundled FAQ (once), publish it as faq@live, and
     compare the answers of the base model and the adapter."""
     from llmesh.demo.models import faq_pairs
@@ -170,7 +185,7 @@ def adapt(inference: pb_grpc.InferenceStub, trainer: trainer_pb2_grpc.TrainerStu
         ds = upload(trainer, json.dumps(pairs, ensure_ascii=False).encode(), "faq.json", eval_fraction=0.1, seed=3)
         console.print(f"dataset {ds.dataset_id}: {ds.train_examples} train + {ds.eval_examples} held-out pairs")
         request = trainer_pb2.CreateJobRequest(dataset_id=ds.dataset_id, adapter_name="faq")
-        request.MergeFrom(FAQ_JOB)
+        request.MergeFrom(options)
         job = watch(trainer, trainer.CreateJob(request, timeout=30).job_id, console)
         if job.state != trainer_pb2.JOB_STATE_SUCCEEDED:
             raise DemoFailed(f"training the faq adapter failed: {job.error} (llmesh logs trainer)")
