@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.resources
+import itertools
 import json
 import re
 import shutil
@@ -55,6 +56,12 @@ ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["如何重置密码?", "How do I connect to the VPN?", "请假流程是什么?", "Where do I submit invoices?"]
 
 
+def prompt_of(i: int) -> str:
+    """Request i's prompt: distinct from every other request's from its first word, as real
+    traffic is (the prefix cache may only reuse what they truly share: the chat template's turn)."""
+    return f"Ticket {1000 + i}: {PROMPTS[i % len(PROMPTS)]}"
+
+
 @dataclass
 class Sample:
     ttft_s: float
@@ -80,9 +87,7 @@ Call = Callable[[int], Awaitable[Sample]]
 
 def direct_call(client: triton.InferenceServerClient, model: str, max_tokens: int) -> Call:
     async def call(i: int) -> Sample:
-        inp = GenerationInput(
-            Sampling(temperature=1.0, max_tokens=max_tokens, seed=i), prompt=PROMPTS[i % len(PROMPTS)]
-        )
+        inp = GenerationInput(Sampling(temperature=1.0, max_tokens=max_tokens, seed=i), prompt=prompt_of(i))
 
         async def reqs() -> AsyncIterator[dict[str, Any]]:
             yield {
@@ -109,7 +114,7 @@ def direct_call(client: triton.InferenceServerClient, model: str, max_tokens: in
 def service_call(stub: pb_grpc.InferenceAsyncStub, max_tokens: int, identity: InternalIdentity) -> Call:
     async def call(i: int) -> Sample:
         req = pb.GenerateRequest(
-            prompt=PROMPTS[i % len(PROMPTS)], sampling=sampling_pb(max_tokens=max_tokens, temperature=1.0, seed=i)
+            prompt=prompt_of(i), sampling=sampling_pb(max_tokens=max_tokens, temperature=1.0, seed=i)
         )
         t0 = time.perf_counter()
         ttft, tokens = None, 0
@@ -138,8 +143,11 @@ def triton_counters(metrics_url: str, model: str) -> tuple[float, float]:
     return total("llmesh_llm_active_rows_total"), total("llmesh_llm_decode_steps_total")
 
 
+_REQUEST_IDS = itertools.count()  # run-wide: no two requests share a prompt (paths share a model)
+
+
 async def run_level(path: str, call: Call, concurrency: int, n: int, metrics_url: str, model: str) -> Row:
-    queue = list(range(n))
+    queue = [next(_REQUEST_IDS) for _ in range(n)]
     samples: list[Sample] = []
 
     async def worker() -> None:

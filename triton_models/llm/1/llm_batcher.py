@@ -23,8 +23,9 @@ import triton_python_backend_utils as pb_utils
 from llm_adapters import AdapterCache
 from llm_choices import ChoiceScorer
 from llm_errors import internal, queue_full, unavailable
-from llm_kvcache import map_cache, merge_cache, mergeable, pad_left, select_rows
+from llm_kvcache import cache_of, layer_tensors, map_cache, merge_cache, mergeable, pad_left, select_rows
 from llm_metrics import Metrics
+from llm_prefix import KV, PrefixCache, past_for, row_kv
 from llm_request import Row
 from llm_responses import fail, send_delta, send_error, send_final
 from llm_sampling import sample
@@ -54,7 +55,15 @@ def _eos_ids(tokenizer: Any, lm: Any) -> set[int]:
 
 class Batcher:
     def __init__(
-        self, lm: Any, tokenizer: Any, adapters: AdapterCache, metrics: Metrics, *, max_rows: int, max_queue: int
+        self,
+        lm: Any,
+        tokenizer: Any,
+        adapters: AdapterCache,
+        metrics: Metrics,
+        *,
+        max_rows: int,
+        max_queue: int,
+        prefix_cache_bytes: int = 0,
     ) -> None:
         self.adapters = adapters
         self.metrics = metrics
@@ -71,6 +80,8 @@ class Batcher:
         self.eos_ids = _eos_ids(tokenizer, lm)
         self.id_bytes = token_bytes(tokenizer, lm.config.vocab_size)  # token id -> bytes of its text
         self.choices = ChoiceScorer(tokenizer, adapters, self.pad_id)  # choice lists: scored, not decoded
+        self.prefixes = PrefixCache(prefix_cache_bytes)  # KV of recent prompts/chats (llm_prefix)
+        self.prefix_ok: bool | None = None  # whether this model's cache can take a past (first prefill tells)
         self.queue: deque[Row] = deque()  # validated rows waiting for a free batch slot
         self.wakeup = threading.Condition()
         self.stopping = False
@@ -225,22 +236,46 @@ class Batcher:
         return out.logits[:, -1, :], cache
 
     def _prefill(self, rows: list[Row]) -> Batch:
-        """Left-padded prompts of the new rows in one forward; samples their first token."""
+        """The new rows' prompts in one forward; samples their first token.
+
+        A row whose prompt starts with a cached sequence (llm_prefix) feeds only the rest: per
+        row, [zeros | cached prefix] form the past and [pad | rest of the prompt] the input,
+        both right-aligned, the gaps masked out and position ids counted over real tokens.
+        """
         n = len(rows)
-        lengths = [len(r.prompt_ids) for r in rows]
-        width = max(lengths)
+        hits: list[tuple[int, KV | None]] = [
+            self.prefixes.lookup(r.adapter, r.prompt_ids) if self.prefix_ok else (0, None) for r in rows
+        ]
+        past = max(k for k, _ in hits)
+        rest = [len(r.prompt_ids) - k for r, (k, _) in zip(rows, hits, strict=True)]
+        width = max(rest)
         ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((n, width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, width - lengths[i] :] = torch.tensor(r.prompt_ids, dtype=torch.long)
-            mask[i, width - lengths[i] :] = 1
+        mask = torch.zeros((n, past + width), dtype=torch.long)
+        for i, (r, (k, _)) in enumerate(zip(rows, hits, strict=True)):
+            ids[i, width - rest[i] :] = torch.tensor(r.prompt_ids[k:], dtype=torch.long)
+            mask[i, past - k : past] = 1
+            mask[i, past + width - rest[i] :] = 1
             if r.repetition_penalty != 1.0:
                 r.seen = torch.tensor(sorted(set(r.prompt_ids)), dtype=torch.long)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, cache = self._forward(rows, ids, mask, pos, None)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
+        cache = cache_of(past_for(hits, past)) if past else None
+        logits, cache = self._forward(rows, ids, mask, pos, cache)
+        self.metrics.count(prompt=sum(len(r.prompt_ids) for r in rows), reused=sum(k for k, _ in hits))
+        if self.prefix_ok is None:
+            self.prefix_ok = self.prefixes.enabled and mergeable(cache) and not isinstance(cache, tuple)
         batch = Batch(rows, cache, mask, pos[:, -1:] + 1)
+        for i, r in enumerate(rows):
+            self._remember(batch, i, r.prompt_ids)
         batch.next_ids = self._sample_all(rows, logits)
         return batch
+
+    def _remember(self, b: Batch, i: int, ids: list[int]) -> None:
+        """Store row i's cached keys/values (its unmasked columns, which hold `ids`)."""
+        if not self.prefix_ok:
+            return
+        cols = b.mask[i].nonzero().squeeze(1)
+        if cols.numel() == len(ids):  # anything else would be a bug: store nothing rather than wrong KV
+            self.prefixes.store(b.rows[i].adapter, ids, row_kv(layer_tensors(b.cache), i, cols))
 
     def decode_step(self, b: Batch) -> None:
         """One token for every active row (the tokens sampled last step go in)."""
@@ -288,9 +323,11 @@ class Batcher:
         keep = [j for j, r in enumerate(b.rows) if r.finish is None]
         if len(keep) != len(b.rows):  # counters are current by the time a client sees FINAL
             self.metrics.flush()
-        for r in b.rows:
+        for i, r in enumerate(b.rows):
             if r.finish is not None:
                 self._finalize(r)
+                if r.finish in ("stop", "length"):  # a chat's next turn starts with all of this
+                    self._remember(b, i, r.prompt_ids + r.generated[:-1])  # the last token was never fed
         if not keep:
             return None
         if len(keep) != len(b.rows):

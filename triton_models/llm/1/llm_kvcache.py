@@ -77,3 +77,15 @@ def select_rows(past: Any, idx: torch.Tensor) -> Any:
     if isinstance(past, tuple):
         return tuple(tuple(t.index_select(0, idx) for t in layer) for layer in past)
     raise RuntimeError("cannot select rows of the KV cache")
+
+
+def layer_tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) per layer of a DynamicCache of DynamicLayers (see mergeable)."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def cache_of(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    """A DynamicCache holding these per-layer keys/values (the past of a prefill)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=layers)

@@ -31,24 +31,33 @@ class Metrics:
             "llmesh_llm_active_rows_total",
             "Sum over decode steps of the rows decoded (/ decode_steps_total = mean batch size)",
         )
+        prompt = _counter("llmesh_llm_prompt_tokens_total", "Prompt tokens prefilled (reused ones included)")
+        reused = _counter(
+            "llmesh_llm_prefix_reused_tokens_total",
+            "Prompt tokens whose keys/values came from the prefix cache instead of a forward pass",
+        )
         labels = {"model": model}
         self._counters = {
             "tokens": tokens.Metric(labels=labels),
             "steps": steps.Metric(labels=labels),
             "rows": active.Metric(labels=labels),
+            "prompt": prompt.Metric(labels=labels),
+            "reused": reused.Metric(labels=labels),
         }
         self.batches = batches.Metric(labels=labels)
         self.finished = {
             reason: finished.Metric(labels={"model": model, "finish_reason": reason}) for reason in FINISH_REASONS
         }
-        self._families = (tokens, finished, batches, steps, active)  # keep the families alive
+        self._families = (tokens, finished, batches, steps, active, prompt, reused)  # keep the families alive
         self.pending = dict.fromkeys(self._counters, 0)
         self.flushed_at = time.monotonic()
 
-    def count(self, tokens: int = 0, steps: int = 0, rows: int = 0) -> None:
+    def count(self, tokens: int = 0, steps: int = 0, rows: int = 0, prompt: int = 0, reused: int = 0) -> None:
         self.pending["tokens"] += tokens
         self.pending["steps"] += steps
         self.pending["rows"] += rows
+        self.pending["prompt"] += prompt
+        self.pending["reused"] += reused
 
     def finish(self, reason: str | None) -> None:
         if reason is not None and reason in self.finished:

@@ -10,6 +10,7 @@ numpy, torch, transformers and peft):
   llm_text       tokens → text, stop strings, streamable deltas
   llm_adapters   LoRA adapters, LRU-bounded, loaded lazily from the adapter store
   llm_quant      fp16/int8 packed Linear layers (parameter quantization: auto | fp16 | int8 | none)
+  llm_prefix     prefix cache: KV of recent prompts and chats, reused at prefill (prefix_cache_mb)
   llm_responses  stream chunks, FINAL answers, error responses
   llm_errors     the error codes that cross the Triton boundary  llm_metrics  /metrics counters
 
@@ -52,6 +53,7 @@ class TritonPythonModel:
         cache_size = max(1, int(params.get("adapter_cache_size", "8") or 8))
         threads = max(1, int(params.get("threads", "2") or 2))
         max_queue = max(1, int(params.get("max_queue", "256") or 256))
+        prefix_mb = max(0.0, float(params.get("prefix_cache_mb", "0") or 0))
         pace_streams(float(params.get("stream_interval_ms", "0") or 0))
         torch.set_num_threads(threads)
         if "$" in self.model_path or not os.path.isdir(self.model_path):
@@ -75,12 +77,13 @@ class TritonPythonModel:
             Metrics(str(config.get("name") or "llm")),
             max_rows=max(1, int(config.get("max_batch_size") or 16)),
             max_queue=max_queue,
+            prefix_cache_bytes=int(prefix_mb * 2**20),
         )
         pb_utils.Logger.log_info(
             f"llm: loaded {self.model_path} in {time.perf_counter() - t0:.2f}s "
             f"(vocab={base.config.vocab_size}, max_positions={self.max_positions}, threads={threads}, "
             f"quantization={quant} ({quantized} layers of {n_params / 1e6:.1f}M params), "
-            f"adapter_dir={adapter_dir}, adapter_cache_size={cache_size})"
+            f"adapter_dir={adapter_dir}, adapter_cache_size={cache_size}, prefix_cache_mb={prefix_mb:g})"
         )
         self.engine.start(threads)
 
