@@ -25,6 +25,7 @@ from llmesh.demo.models import convert_llm, converted_recipe, is_complete
 from tests.support.sandbox import write_config
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+SECOND = "What is the capital of Germany?"
 MAX_TOKENS = 24
 REPO_COPY = Path(__file__).resolve().parents[2] / "var" / "models" / DEFAULT_LM
 
@@ -47,8 +48,8 @@ def test_the_folder_records_what_it_was_converted_from(real_lm: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def triton(real_lm: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """tritonserver serving the real LM as the `llm` model; yields its gRPC address."""
+def triton(real_lm: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """tritonserver serving the real LM as the `llm` model; yields its gRPC and metrics addresses."""
     from llmesh.launcher.processes import triton_spec
 
     home = tmp_path_factory.mktemp("real-home")
@@ -59,7 +60,7 @@ def triton(real_lm: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         spec.argv, env=dict(spec.env), cwd=spec.cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
     try:
-        yield f"127.0.0.1:{cfg.triton.grpc_port}"
+        yield f"127.0.0.1:{cfg.triton.grpc_port}", f"http://127.0.0.1:{cfg.triton.metrics_port}/metrics"
     finally:
         proc.send_signal(signal.SIGTERM)  # the server unloads the model through its stub
         try:
@@ -71,31 +72,59 @@ def triton(real_lm: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         print((home / "tritonserver.log").read_text(errors="replace")[-2000:])
 
 
-def test_triton_serves_the_real_model_and_it_knows_the_capital_of_france(triton: str) -> None:
+async def _answer(address: str, messages: list[dict[str, str]]) -> str:
+    """The greedy answer to `messages`, waiting for the server to load the model first."""
     from llmesh.runtime.errors import Unavailable
     from llmesh.services.inference.llm_backend import GenerationInput, LlmBackend
     from llmesh.services.inference.sampling import Sampling
 
-    async def ask() -> str:
-        backend = LlmBackend(triton, "llm")
-        try:
-            deadline = time.monotonic() + 120  # server start + loading 541 MB of weights
-            while True:
-                try:
-                    await backend.ready()
-                    break
-                except Unavailable:
-                    if time.monotonic() > deadline:
-                        raise
-                    await asyncio.sleep(0.5)
-            inp = GenerationInput(sampling=Sampling(temperature=0.0, max_tokens=MAX_TOKENS), messages=QUESTION)
-            started = time.monotonic()
-            chunk = await backend.complete(inp, timeout=60)
-            print(f"{chunk.completion_tokens} tokens in {time.monotonic() - started:.2f} s: {chunk.text!r}")
-            assert chunk.finish_reason in ("stop", "length") and chunk.completion_tokens > 0
-            return chunk.text
-        finally:
-            await backend.close()
+    backend = LlmBackend(address, "llm")
+    try:
+        deadline = time.monotonic() + 120  # server start + loading 541 MB of weights
+        while True:
+            try:
+                await backend.ready()
+                break
+            except Unavailable:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
+        inp = GenerationInput(sampling=Sampling(temperature=0.0, max_tokens=MAX_TOKENS), messages=messages)
+        started = time.monotonic()
+        chunk = await backend.complete(inp, timeout=60)
+        print(f"{chunk.completion_tokens} tokens in {time.monotonic() - started:.2f} s: {chunk.text!r}")
+        assert chunk.finish_reason in ("stop", "length") and chunk.completion_tokens > 0
+        return chunk.text
+    finally:
+        await backend.close()
 
-    text = asyncio.run(asyncio.wait_for(ask(), timeout=180))
+
+def _reused_tokens(metrics_url: str) -> float:
+    import urllib.request
+
+    body = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in body.splitlines() if line.startswith("llmesh_llm_prefix_reused")
+    )
+
+
+def test_triton_serves_the_real_model_and_it_knows_the_capital_of_france(triton: tuple[str, str]) -> None:
+    text = asyncio.run(asyncio.wait_for(_answer(triton[0], QUESTION), timeout=180))
     assert "Paris" in text, text
+
+
+def test_the_next_chat_turn_reuses_the_previous_one(triton: tuple[str, str], real_lm: Path) -> None:
+    """Turn 2 resends turn 1 and its answer: the prefix cache serves their keys/values, and the
+    answer is still right."""
+    from transformers import AutoTokenizer
+
+    address, metrics = triton
+    first = asyncio.run(asyncio.wait_for(_answer(address, QUESTION), timeout=180))
+    before = _reused_tokens(metrics)
+    turn2 = [*QUESTION, {"role": "assistant", "content": first}, {"role": "user", "content": SECOND}]
+    text = asyncio.run(asyncio.wait_for(_answer(address, turn2), timeout=180))
+    assert "Berlin" in text, text
+    tokenizer = AutoTokenizer.from_pretrained(real_lm)
+    prompt1 = tokenizer(tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=False))
+    turn1 = len(prompt1["input_ids"])
+    assert _reused_tokens(metrics) - before > turn1  # turn 1's prompt and (some of) its answer

@@ -57,8 +57,11 @@ Operator commands on this host (no key: straight to the services):
   llmesh compliance report                       checks of the running configuration, with evidence
   grpcurl -plaintext {gateway} list        the public API by reflection
   llmesh down                                    stop everything
-Demo models have random weights: text is noise until llm_path points at a real model
-(see README, "Real models"); the faq adapter above has memorised the bundled FAQ."""
+{about_lm}"""
+REAL_LM_NOTE = """The LM is {model}: a small demonstration model (short English answers, shallow facts, weak
+Chinese and translation). Point triton.llm_path at a bigger folder for more (README, "Models")."""
+TEST_LM_NOTE = """The LM is the random-weight test LM (triton.llm_model: tiny-qwen2): its text is noise; the faq
+adapter above has memorised the bundled FAQ. The default LM answers for real (README, "Models")."""
 
 DEMO_SCOPES = ["inference:*", "trainer:*"]
 # The trainer's defaults: 20 FAQ rows are memorised (150 steps, batch 1, lr 1e-3, LoRA r=16;
@@ -72,9 +75,19 @@ RANDOM_LM_FAQ_JOB = trainer_pb2.CreateJobRequest(
 )
 
 
+def serves_test_lm(cfg: MeshConfig) -> bool:
+    return not cfg.triton.llm_path and cfg.triton.llm_model == TEST_LM
+
+
 def faq_job(cfg: MeshConfig) -> trainer_pb2.CreateJobRequest:
     """The FAQ job for the LM this mesh serves."""
-    return RANDOM_LM_FAQ_JOB if not cfg.triton.llm_path and cfg.triton.llm_model == TEST_LM else FAQ_JOB
+    return RANDOM_LM_FAQ_JOB if serves_test_lm(cfg) else FAQ_JOB
+
+
+def about_lm(cfg: MeshConfig) -> str:
+    if serves_test_lm(cfg):
+        return TEST_LM_NOTE
+    return REAL_LM_NOTE.format(model=cfg.triton.llm_path or cfg.triton.llm_model)
 
 
 PII_PROMPT = (
@@ -155,7 +168,7 @@ def run_demo(cfg: MeshConfig, config_path: Path | None, timeout: float) -> int:
         console.print(f"[red]{e}[/red]")
         return 1
     _section("next")
-    print(NEXT_STEPS.format(gateway=gateway, key_file=demo_key_file(cfg)))
+    print(NEXT_STEPS.format(gateway=gateway, key_file=demo_key_file(cfg), about_lm=about_lm(cfg)))
     return 0
 
 

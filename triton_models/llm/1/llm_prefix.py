@@ -50,9 +50,10 @@ class PrefixCache:
         if not self.entries or len(ids) <= MIN_REUSE:
             return 0, None
         want = torch.tensor(ids, dtype=torch.long)
+        head = tuple(ids[:MIN_REUSE])
         best, hit = 0, None
         for key, (seq, _, _) in self.entries.items():
-            if key[0] == adapter:
+            if key[0] == adapter and key[1][:MIN_REUSE] == head:  # cheap filter before comparing tensors
                 k = min(_common(seq, want), len(ids) - 1)
                 if k > best:
                     best, hit = k, key
