@@ -28,19 +28,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.inference import real_lm_path
 from llmesh.pb.trainer.v1 import trainer_pb2 as pb
 from llmesh.pb.trainer.v1 import trainer_pb2_grpc
 
 OUT = Path(__file__).parent / "out"
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def real_lm_path() -> str:
-    """The real LM's folder: the repository's converted copy if there is one, else built by the mesh."""
-    from llmesh.demo.catalog import DEFAULT_LM
-
-    local = ROOT / "var" / "models" / DEFAULT_LM
-    return str(local) if (local / "config.json").is_file() else ""
 
 
 def run_job(stub: trainer_pb2_grpc.TrainerStub, request: pb.CreateJobRequest) -> dict[str, Any]:

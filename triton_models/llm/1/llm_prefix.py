@@ -73,9 +73,10 @@ class PrefixCache:
         seq = torch.tensor(ids, dtype=torch.long)
         for key in [k for k in self.entries if k[0] == adapter]:
             old = self.entries[key][0]
-            if old.numel() <= seq.numel() and _common(old, seq) == old.numel():
-                self._drop(key)  # a prefix of the new entry: the new one answers all its lookups
-            elif _common(old, seq) == seq.numel():
+            common = _common(old, seq)
+            if common == old.numel():
+                self._drop(key)  # a prefix of the new entry (or the same): the new one answers its lookups
+            elif common == seq.numel():
                 self.entries.move_to_end(key)
                 return  # already covered by a longer entry
         self.entries[(adapter, tuple(ids))] = (seq, kv, size)
@@ -85,10 +86,6 @@ class PrefixCache:
 
     def _drop(self, key: tuple[str, tuple[int, ...]]) -> None:
         self.used -= self.entries.pop(key)[2]
-
-    def clear(self) -> None:
-        self.entries.clear()
-        self.used = 0
 
 
 def row_kv(layers: list[tuple[torch.Tensor, torch.Tensor]], row: int, cols: torch.Tensor) -> KV:
